@@ -1,0 +1,5 @@
+"""Lightning callbacks of tea-lightning (configure them under `trainer.callbacks` in a YAML config)."""
+
+from tea_lightning.callbacks.export import Export
+
+__all__ = ["Export"]

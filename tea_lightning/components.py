@@ -1,0 +1,76 @@
+"""Loading the parts of a Stable Diffusion model: a hub id, a local diffusers folder, or the built-in `tiny`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from tea_lightning.tiny import TINY, tiny_pipeline
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+
+
+@dataclass
+class Components:
+    """The five parts training needs. `noise_scheduler` is a DDPM scheduler with the model's own noise schedule
+    and `prediction_type` (epsilon or v_prediction)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler
+
+
+def _hint(pretrained: str) -> str:
+    return (f"pretrained={pretrained!r}: give a hub id (e.g. {DEFAULT_MODEL!r}, downloaded once beforehand when "
+            f"working offline), a local diffusers folder holding model_index.json, or {TINY!r} for the built-in model")
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """Validate `pretrained` before anything heavy happens; return it unchanged (or the expanded local path)."""
+    if pretrained == TINY:
+        return pretrained
+    expanded = os.path.expanduser(pretrained)
+    if os.path.isdir(expanded):
+        missing = [p for p in _PARTS if not os.path.isdir(os.path.join(expanded, p))]
+        if missing:
+            raise FileNotFoundError(f"{expanded!r} is not a diffusers Stable Diffusion folder: it lacks the "
+                                    f"subfolders {missing}. {_hint(pretrained)}")
+        return expanded
+    looks_local = pretrained.startswith((".", "/", "~")) or os.path.exists(expanded) or pretrained.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"No such model folder: {expanded!r}. {_hint(pretrained)}")
+    return pretrained
+
+
+def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> StableDiffusionPipeline:
+    """The stock `StableDiffusionPipeline` for `pretrained` (safety checker off), in fp32 on the CPU."""
+    source = resolve_pretrained(pretrained)
+    if source == TINY:
+        return tiny_pipeline()
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            source, revision=revision, safety_checker=None, requires_safety_checker=False)
+    except OSError as error:  # offline, not cached, gated, or a typo in a hub id
+        raise FileNotFoundError(f"Could not load {source!r}: {error}. {_hint(pretrained)}") from error
+
+
+def load_components(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> Components:
+    """Tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training, all frozen (`requires_grad=False`).
+
+    The same path serves a hub id and a local folder, so a test that saves the tiny model with `save_pretrained`
+    and loads it back exercises exactly what `stable-diffusion-v1-5/stable-diffusion-v1-5` goes through.
+    """
+    pipe = load_pipeline(pretrained, revision)
+    # DDPM with the checkpoint's schedule and prediction type: the noise process the model was trained under.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    for model in (pipe.text_encoder, pipe.vae, pipe.unet):
+        model.requires_grad_(False)
+        model.eval()
+    return Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, noise_scheduler)
+

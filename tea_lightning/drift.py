@@ -1,0 +1,236 @@
+"""Drift measures, method.md §3: how far a learned keyword V* has moved from its concept word c.
+
+Vector level: norm, norm ratio, angle and cosine to c, cosine to the initial value, and where |V*| sits among
+the vocabulary row norms. Set level (the paper's Figure 2): L2, Hausdorff, Mahalanobis and KL between sets of
+sentence encodings, each an ``[n, d]`` tensor, one row per sentence.
+
+All measures are computed in fp64 without gradients and return 0-d float64 tensors (set distances) or Python
+floats (vector drift).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# cdist's matmul shortcut (|a|^2 + |b|^2 - 2ab) loses digits and leaves non-zero self-distances.
+_EXACT = "donot_use_mm_for_euclid_dist"
+
+
+def l2_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over a in ``a`` of the mean over b in ``b`` of |a - b|.
+
+    Not zero for a set against itself unless it holds a single point: it averages over all pairs.
+
+    Args:
+        a: Set A, ``[n, d]``.
+        b: Set B, ``[m, d]``.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    a, b = _check_pair(a, b)
+    return torch.cdist(a, b, compute_mode=_EXACT).mean()
+
+
+def hausdorff_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Symmetric Hausdorff distance: max(max_a min_b |a - b|, max_b min_a |a - b|).
+
+    Args:
+        a: Set A, ``[n, d]``.
+        b: Set B, ``[m, d]``.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    a, b = _check_pair(a, b)
+    dist = torch.cdist(a, b, compute_mode=_EXACT)  # [n, m]
+    return torch.maximum(dist.min(dim=1).values.max(), dist.min(dim=0).values.max())
+
+
+def intra_hausdorff(a: Tensor) -> Tensor:
+    """Intra-set Hausdorff distance: max over i of min over j != i of |a_i - a_j|.
+
+    The largest nearest-neighbour distance within the set; it shrinks as V* makes every sentence alike.
+
+    Args:
+        a: Set A, ``[n, d]`` with n >= 2.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    a = _check_set(a, "a", min_rows=2)
+    dist = torch.cdist(a, a, compute_mode=_EXACT)  # [n, n]
+    dist.fill_diagonal_(math.inf)
+    return dist.min(dim=1).values.max()
+
+
+def mahalanobis_distance(a: Tensor, b: Tensor, shrinkage: float = 0.0) -> Tensor:
+    """Mean over a in ``a`` of sqrt((a - mu_B)^T Sigma_B^+ (a - mu_B)).
+
+    mu_B and Sigma_B are the mean and unbiased covariance (n - 1, like ``numpy.cov``) of ``b``; Sigma_B^+ is the
+    pseudo-inverse (``torch.linalg.pinv``, default cut-off d·eps relative to the largest eigenvalue). With fewer
+    sentences than dimensions Sigma_B is singular and the pseudo-inverse ignores every direction B does not
+    span; ``shrinkage`` = lambda > 0 instead uses (1 - lambda)·Sigma_B + lambda·(trace(Sigma_B)/d)·I, which is
+    full rank.
+
+    Args:
+        a: Set A, ``[n, d]``.
+        b: Set B, ``[m, d]`` with m >= 2.
+        shrinkage: lambda in [0, 1]; 0 (default) is the plain pseudo-inverse.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be a float in [0, 1] (0 = plain pseudo-inverse), got {shrinkage!r}")
+    a, b = _check_pair(a, b, min_rows_b=2)
+    mu = b.mean(dim=0)  # [d]
+    centred = b - mu  # [m, d]
+    cov = centred.T @ centred / (b.shape[0] - 1)  # [d, d]
+    if shrinkage > 0:
+        d = cov.shape[0]
+        cov = (1 - shrinkage) * cov + shrinkage * (cov.trace() / d) * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    precision = torch.linalg.pinv(cov, hermitian=True)  # [d, d]
+    diff = a - mu  # [n, d]
+    # Rounding can push the form of a near-mean point slightly below 0; sqrt would return NaN.
+    quadratic = torch.einsum("nd,de,ne->n", diff, precision, diff).clamp_min(0)
+    return quadratic.sqrt().mean()
+
+
+def kl_divergence(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p || q) between the relational structures of two index-aligned sets.
+
+    Rows are L2-normalised; each set's cosine-similarity matrix is divided by ``temperature`` and
+    softmax-normalised row-wise, then 1e-8 is added (as the authors' code does, so the rows no longer sum
+    exactly to 1). p comes from ``a``, q from ``b``; KL is summed per row and averaged over rows. Row i of
+    ``a`` and row i of ``b`` must be the same sentence with different fillers.
+
+    Args:
+        a: Set A, ``[n, d]``.
+        b: Set B, ``[n, d]``, index-aligned with ``a``.
+        temperature: tau > 0.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a positive finite float (default 1.0), got {temperature!r}")
+    a, b = _check_pair(a, b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"kl_divergence compares index-aligned sets, so a and b need the same number of rows, got "
+            f"{a.shape[0]} and {b.shape[0]}; fill the same sentences with both words"
+        )
+    p = _similarity_softmax(a, temperature) + 1e-8  # [n, n]
+    q = _similarity_softmax(b, temperature) + 1e-8  # [n, n]
+    return (p * (p.log() - q.log())).sum(dim=1).mean()
+
+
+def _similarity_softmax(x: Tensor, temperature: float) -> Tensor:
+    unit = torch.nn.functional.normalize(x, dim=1)
+    return torch.softmax(unit @ unit.T / temperature, dim=1)
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine similarity along the last dimension (broadcasting), in fp64.
+
+    Raises:
+        ValueError: If a vector has zero norm.
+    """
+    a, b = _as_f64(a), _as_f64(b)
+    a_norm, b_norm = a.norm(dim=-1), b.norm(dim=-1)
+    if bool((a_norm == 0).any()) or bool((b_norm == 0).any()):
+        raise ValueError("cosine of a zero vector is undefined; check the embedding rows passed in")
+    return (a * b).sum(dim=-1) / (a_norm * b_norm)
+
+
+def angle_deg(a: Tensor, b: Tensor) -> Tensor:
+    """Angle in degrees along the last dimension (broadcasting): degrees(arccos(clamp(cosine, -1, 1)))."""
+    return torch.rad2deg(torch.arccos(cosine(a, b).clamp(-1.0, 1.0)))
+
+
+def norm_percentile(norm: float | Tensor, vocab_norms: Tensor) -> float:
+    """Percentage (0 to 100) of vocabulary row norms strictly below ``norm``.
+
+    Args:
+        norm: |V*|, a float or 0-d tensor.
+        vocab_norms: ``[V]`` norms of the vocabulary rows, e.g. ``embedding.weight.norm(dim=-1)``.
+    """
+    vocab_norms = _as_f64(vocab_norms)
+    if vocab_norms.ndim != 1 or vocab_norms.numel() == 0:
+        raise ValueError(
+            f"vocab_norms must be a non-empty 1-D tensor, got shape {tuple(vocab_norms.shape)}; "
+            "pass embedding.weight.norm(dim=-1)"
+        )
+    return 100.0 * (vocab_norms < float(norm)).double().mean().item()
+
+
+def vector_drift(v: Tensor, concept: Tensor, initial: Tensor, vocab_norms: Tensor) -> dict[str, float]:
+    """Vector-level drift of a learned embedding (method.md §3).
+
+    For a multi-vector token (``v`` of shape ``[k, d]``) every entry is the mean over the k vectors of the
+    per-vector value (so ``norm_ratio`` is the mean norm over |c|).
+
+    Args:
+        v: Learned embedding V*, ``[d]`` or ``[k, d]``.
+        concept: Concept-word embedding c, ``[d]``.
+        initial: V* at initialisation, same shape as ``v``.
+        vocab_norms: ``[V]`` norms of all vocabulary rows.
+
+    Returns:
+        ``norm`` |V*|, ``concept_norm`` |c|, ``norm_ratio`` |V*|/|c|, ``cosine_concept`` and
+        ``angle_concept_deg`` between V* and c, ``cosine_initial`` between V* and its initial value,
+        ``norm_percentile`` the percentage of vocabulary norms strictly below |V*|.
+    """
+    v = _as_f64(v)
+    v = v.unsqueeze(0) if v.ndim == 1 else v  # [k, d]
+    if v.ndim != 2 or v.shape[0] == 0:
+        raise ValueError(f"v must be [d] or [k, d] with k >= 1, got shape {tuple(v.shape)}")
+    concept = _as_f64(concept)
+    if concept.shape != v.shape[1:]:
+        raise ValueError(f"concept must be [{v.shape[1]}] like a row of v, got shape {tuple(concept.shape)}")
+    initial = _as_f64(initial)
+    initial = initial.unsqueeze(0) if initial.ndim == 1 else initial  # [k, d]
+    if initial.shape != v.shape:
+        raise ValueError(f"initial must have the shape of v {tuple(v.shape)}, got {tuple(initial.shape)}")
+    norms = v.norm(dim=-1)  # [k]
+    concept_norm = concept.norm()
+    return {
+        "norm": norms.mean().item(),
+        "concept_norm": concept_norm.item(),
+        "norm_ratio": (norms / concept_norm).mean().item(),
+        "cosine_concept": cosine(v, concept).mean().item(),
+        "angle_concept_deg": angle_deg(v, concept).mean().item(),
+        "cosine_initial": cosine(v, initial).mean().item(),
+        "norm_percentile": sum(norm_percentile(n, vocab_norms) for n in norms) / len(norms),
+    }
+
+
+def _as_f64(x: Tensor) -> Tensor:
+    # fp64 for stable distances and pseudo-inverses; MPS has no float64, so its tensors move to the CPU.
+    device = "cpu" if x.device.type == "mps" else x.device
+    return x.detach().to(device=device, dtype=torch.float64)
+
+
+def _check_set(x: Tensor, name: str, min_rows: int = 1) -> Tensor:
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be a 2-D [n, d] set (one row per sentence), got shape {tuple(x.shape)}; "
+            "torch.stack the vectors"
+        )
+    if x.shape[0] < min_rows or x.shape[1] == 0:
+        raise ValueError(f"{name} needs at least {min_rows} row(s) and a non-empty width, got {tuple(x.shape)}")
+    return _as_f64(x)
+
+
+def _check_pair(a: Tensor, b: Tensor, min_rows_b: int = 1) -> tuple[Tensor, Tensor]:
+    a, b = _check_set(a, "a"), _check_set(b, "b", min_rows_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"a and b must have the same width, got {a.shape[1]} and {b.shape[1]}; encode both sets with the "
+            "same text encoder and pooling"
+        )
+    return a, b

@@ -1,0 +1,88 @@
+"""Writing checkpoint files that stock diffusers and other UIs load (see docs/formats.md), atomically.
+
+Every write goes to a temporary name in the same folder and is renamed into place, so an interrupted run never
+leaves a half-written file; a whole export folder is assembled under a temporary name and renamed the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+DIFFUSERS_TI = "learned_embeds.safetensors"
+TEA_JSON = "tea.json"
+FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read the process umask: temporary files are private, finished ones get the usual modes
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Save contiguous CPU copies of `tensors`; a non-finite value is refused rather than written."""
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"Refusing to write {path.name}: tensor {key!r} holds NaN or inf values. "
+                                     "The run diverged; lower the learning rate or use bf16-mixed/32 precision.")
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+def write_tea_json(folder: Path, *, method: str, base_model: str, keyword: str, concept_word: str | None,
+                   step: int, **extra: Any) -> None:
+    """`tea.json`: what `infer.py` needs to apply TEA without being told (method, base model, keyword, concept)."""
+    write_json({"format_version": FORMAT_VERSION, "method": method, "base_model": base_model, "keyword": keyword,
+                "concept_word": concept_word, "step": step, **extra}, Path(folder) / TEA_JSON)
+
+
+def read_tea_json(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / TEA_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} not found: {str(folder)!r} is not a tea-lightning export folder.")
+    return json.loads(path.read_text())
+
+
+def write_export_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """Create `folder` atomically: `fill` writes into a fresh temporary sibling that is then renamed into place,
+    replacing an older export of the same name (a resumed run re-exporting a step)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -1,0 +1,185 @@
+"""The shared LightningModule: diffusion loss, prior preservation, regularisers, optimiser, pruned checkpoints.
+
+A training step reads top to bottom: images → VAE latents → noise at a random timestep → UNet prediction → MSE
+against the scheduler's target. Each method (one file each) only says which text it encodes, how, and which
+tensors it trains and exports.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from tea_lightning.components import DEFAULT_MODEL, load_components
+from tea_lightning.data import sample_seed
+from tea_lightning.prompt_sets import fill
+from tea_lightning.regularizers import Regularizer
+
+# Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across
+# workers: Lightning's generic warnings about both are noise here.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined.*")
+
+_HALF = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16, "bf16-true": torch.bfloat16}
+
+
+class DiffusionModule(L.LightningModule):
+    """Base of every method. Subclasses implement `keyword`, `export` and, when they differ, `encode_prompts`.
+
+    Args:
+        pretrained: Hub id, local diffusers folder, or ``tiny`` (the built-in offline model).
+        seed: Seed of the per-step noise and timesteps (with the step number, so resumed runs match).
+        prior_loss_weight: Weight of the class-image term when the batch carries class images.
+        regularizers: Penalties on the learned vectors added to the loss (see `tea_lightning.regularizers`).
+        optimizer: Optimiser over the trainable tensors only (YAML: ``class_path`` + ``init_args``).
+        lr_scheduler: Optional learning-rate schedule, stepped every optimiser step.
+    """
+
+    method = "base"
+
+    def __init__(self, pretrained: str = DEFAULT_MODEL, seed: int = 0, prior_loss_weight: float = 1.0,
+                 regularizers: list[Regularizer] | None = None,
+                 optimizer: OptimizerCallable = torch.optim.AdamW,
+                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+        super().__init__()
+        if prior_loss_weight < 0:
+            raise ValueError(f"model.prior_loss_weight={prior_loss_weight} is negative; use 0 or more.")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "regularizers"])
+        self.pretrained = pretrained
+        parts = load_components(pretrained)
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        self.text_encoder, self.vae, self.unet = parts.text_encoder, parts.vae, parts.unet
+        self.regularizers = list(regularizers or [])
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self._last_loss: torch.Tensor | None = None
+
+    # ----- what each method defines -------------------------------------------------------------------------------
+    @property
+    def keyword(self) -> str:
+        """The phrase that fills a template's `{}` slot ("<v>", "sks dog")."""
+        raise NotImplementedError
+
+    def export(self, folder: Path, step: int) -> None:
+        """Write the method's diffusers-loadable files and `tea.json` into `folder` (which exists and is empty)."""
+        raise NotImplementedError
+
+    def learned_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned keyword vectors `[k, D]` and their concept rows `[k, D]`, for regularisers and drift."""
+        raise NotImplementedError(f"{type(self).__name__} learns no token vectors")
+
+    # ----- the diffusion loss -------------------------------------------------------------------------------------
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return ids.to(self.device)  # [B, 77]
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder(self.tokenize(prompts))[0]  # [B, 77, D]
+
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = self.vae
+        posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+        latents = posterior.sample(generator=generator)  # [B, 4, H/8, W/8]
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Noise, timesteps and latent samples of a step come from (seed, step, micro-batch, rank), not from the
+        global RNG: a run resumed from a checkpoint draws exactly what the uninterrupted run drew."""
+        seed = sample_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def diffusion_loss(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+        """Per-sample MSE `[B]` between the UNet's prediction and the scheduler's target."""
+        scheduler = self.noise_scheduler
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator, device=latents.device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states.to(self.unet.dtype)).sample
+        if scheduler.config.prediction_type == "epsilon":
+            target = noise
+        elif scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in {self.pretrained}")
+        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def combine(self, per_sample: torch.Tensor, is_class: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+        """Instance loss, plus `prior_loss_weight` × class loss when the batch carries class images."""
+        if is_class is None:
+            return per_sample.mean(), {}
+        is_class = is_class.to(per_sample.device)
+        instance = per_sample[~is_class].mean()
+        prior = per_sample[is_class].mean()
+        return instance + self.hparams.prior_loss_weight * prior, {"train/instance_loss": instance,
+                                                                    "train/prior_loss": prior}
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = self.step_generator(batch_idx)
+        latents = self.encode_images(batch["pixel_values"], generator)
+        prompts = [fill(template, self.keyword) for template in batch["template"]]
+        per_sample = self.diffusion_loss(latents, self.encode_prompts(prompts), generator)
+        loss, parts = self.combine(per_sample, batch.get("is_class"))
+        if self.regularizers:
+            vectors, concept = self.learned_vectors()
+            for regularizer in self.regularizers:
+                value = regularizer(vectors, concept)
+                parts[f"train/{regularizer.name}"] = value
+                loss = loss + value
+        self.log("train/loss", loss, prog_bar=True)
+        if parts:
+            self.log_dict(parts)
+        self._last_loss = loss.detach()
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The previous step's loss is finished by now, so this check costs no GPU sync in the hot path.
+        if self._last_loss is not None and not torch.isfinite(self._last_loss):
+            raise FloatingPointError(
+                f"The loss became {self._last_loss.item()} at step {self.global_step}; training stopped before any "
+                "non-finite weights were exported. Lower the learning rate, or train with trainer.precision "
+                "bf16-mixed or 32 instead of 16-mixed.")
+
+    # ----- precision, optimiser, checkpoints ----------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        names = {name for name, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in names}
+
+    def on_fit_start(self) -> None:
+        # Frozen weights run in half precision on CUDA under mixed precision; trainables stay fp32 so the
+        # gradient scaler never meets fp16 parameters ("Attempting to unscale FP16 gradients").
+        dtype = _HALF.get(str(self.trainer.precision))
+        if dtype is not None and self.device.type == "cuda":
+            for p in self.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(dtype)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.lr_scheduler_factory(optimizer), "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Keep only what training changes: a TI checkpoint is kilobytes, not the 4 GB of frozen weights.
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        expected = set(self.trainable_state_dict())
+        missing = expected - set(state_dict)
+        if missing:
+            raise KeyError(f"The checkpoint lacks trainable tensors {sorted(missing)[:5]}; it was written by another "
+                           "method or configuration. Resume with the config that wrote it.")
+        return super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -1,0 +1,128 @@
+"""The built-in `tiny` model: a real Stable Diffusion pipeline with small random weights, built in code.
+
+Nothing here downloads. The tokenizer is a CLIP-style byte-level BPE whose merges are learned, at build time,
+from the words of every shipped prompt set plus the common concept words, so each of those words is one
+word-final token (`man</w>`) exactly as with the real CLIP vocabulary. The non-final sub-word rows of the concept
+words (`man`, without `</w>`) exist too, so code that looks a word up with `convert_tokens_to_ids` lands on a
+different row than a prompt does, as it would with SD 1.5.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from tea_lightning.prompt_sets import package_prompt_files, words
+
+TINY = "tiny"
+START, END = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 77
+HIDDEN = 32
+
+# Words every test, template and demo relies on, beside the words of the shipped prompt files.
+CONCEPT_WORDS = (
+    "man woman person people boy girl child baby face dog cat puppy kitten toy barn tortoise plushy teddy bear "
+    "wooden pot flower table chair star circle square triangle shape car house tree bird horse"
+).split()
+EXTRA_WORDS = (
+    "a an the of in on at with and or to for from by photo picture image rendering painting drawing portrait "
+    "close up close-up cropped bright dark clean dirty cool weird small large big nice good one my this that "
+    "style art artwork sks red green blue yellow pink white black purple orange brown gray grey background "
+    "wearing glasses playing guitar far away zoomed"
+).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible map from bytes to printable characters (the byte-level BPE alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return dict(zip(range(256), chars, strict=True))
+
+
+def corpus_words() -> list[str]:
+    """Every distinct word the tiny tokenizer must keep whole, sorted for a deterministic build."""
+    found = set(CONCEPT_WORDS) | set(EXTRA_WORDS)
+    for path in package_prompt_files():
+        found.update(words(path.read_text(encoding="utf-8")))
+    return sorted(w for w in found if w not in (START, END))
+
+
+@functools.lru_cache(maxsize=1)
+def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    trainer_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    # Unbounded vocabulary and min_frequency 1: merging continues until every corpus word is a single token.
+    trainer = trainers.BpeTrainer(
+        vocab_size=1_000_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    trainer_tok.train_from_iterator(corpus_words(), trainer)
+    merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                   for m in json.loads(trainer_tok.to_str())["model"]["merges"])
+
+    alphabet = list(bytes_to_unicode().values())
+    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    # Non-final sub-word rows of the concept words: present in the vocabulary, never produced for a whole word.
+    tokens += [w for w in CONCEPT_WORDS if w not in set(tokens)]
+    tokens += [START, END]
+    vocab: dict[str, int] = {}
+    for token in tokens:
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A fresh CLIP-style tokenizer (fresh because methods add placeholder tokens to it)."""
+    vocab, merges = _vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A seeded `StableDiffusionPipeline` with SD 1.5's layout at toy size (VAE factor 8, 77 text positions)."""
+    tokenizer = tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=HIDDEN, attention_head_dim=8, norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=HIDDEN, hidden_act="quick_gelu",
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        # Real CLIP keeps its start/end rows in the far tail of the norm distribution; mirror that so drift
+        # percentiles and collapse alarms have a tail to measure against.
+        with torch.no_grad():
+            rows = text_encoder.get_input_embeddings().weight
+            for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+                rows[token_id] *= 3.0
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )

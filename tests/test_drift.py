@@ -1,0 +1,197 @@
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import directed_hausdorff
+from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+from tea_lightning import drift
+
+# (n, m, d): fewer sentences than dimensions (singular covariance, the paper's 200 x 768 case) and more.
+SHAPES = [(7, 9, 12), (30, 25, 5)]
+
+
+def _sets(n: int, m: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)), rng.normal(loc=0.3, size=(m, d))
+
+
+def _t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).float()  # encoders hand over fp32
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float32).astype(np.float64)  # the reference sees the same rounded inputs
+
+
+@pytest.mark.parametrize("n, m, d", SHAPES)
+def test_l2_distance_matches_a_double_loop(n, m, d):
+    a, b = _sets(n, m, d)
+    expected = np.mean([np.mean([np.linalg.norm(x - y) for y in _f32(b)]) for x in _f32(a)])
+    assert drift.l2_distance(_t(a), _t(b)).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("n, m, d", SHAPES)
+def test_hausdorff_distance_matches_scipy(n, m, d):
+    a, b = _f32(_sets(n, m, d)[0]), _f32(_sets(n, m, d)[1])
+    expected = max(directed_hausdorff(a, b)[0], directed_hausdorff(b, a)[0])
+    assert drift.hausdorff_distance(_t(a), _t(b)).item() == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("n, m, d", SHAPES)
+def test_intra_hausdorff_is_the_largest_nearest_neighbour_distance(n, m, d):
+    a = _f32(_sets(n, m, d)[0])
+    dist = np.linalg.norm(a[:, None, :] - a[None, :, :], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    assert drift.intra_hausdorff(_t(a)).item() == pytest.approx(dist.min(axis=1).max(), rel=1e-12)
+
+
+def _numpy_mahalanobis(a: np.ndarray, b: np.ndarray, shrinkage: float) -> float:
+    cov = np.cov(b, rowvar=False)
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / d * np.eye(d)
+    precision = np.linalg.pinv(cov, rcond=d * np.finfo(np.float64).eps, hermitian=True)  # torch's default cut-off
+    diff = a - b.mean(axis=0)
+    return float(np.mean(np.sqrt(np.maximum(np.einsum("nd,de,ne->n", diff, precision, diff), 0))))
+
+
+@pytest.mark.parametrize("n, m, d", SHAPES)
+@pytest.mark.parametrize("shrinkage", [0.0, 0.3])
+def test_mahalanobis_distance_matches_numpy_pinv(n, m, d, shrinkage):
+    a, b = (_f32(x) for x in _sets(n, m, d))
+    expected = _numpy_mahalanobis(a, b, shrinkage)
+    assert drift.mahalanobis_distance(_t(a), _t(b), shrinkage=shrinkage).item() == pytest.approx(expected, rel=1e-8)
+
+
+def test_mahalanobis_distance_with_full_rank_covariance_matches_scipy():
+    a, b = (_f32(x) for x in _sets(10, 40, 4))
+    inverse = np.linalg.inv(np.cov(b, rowvar=False))
+    expected = np.mean([scipy_mahalanobis(x, b.mean(axis=0), inverse) for x in a])
+    assert drift.mahalanobis_distance(_t(a), _t(b)).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_mahalanobis_distance_of_the_mean_of_b_is_zero():
+    _, b = _sets(5, 4, 10)
+    assert drift.mahalanobis_distance(_t(b).mean(dim=0, keepdim=True), _t(b)).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_shrinkage_makes_singular_covariance_see_directions_outside_b():
+    a, b = _sets(5, 3, 10)  # B spans 2 of 10 directions
+    plain = drift.mahalanobis_distance(_t(a), _t(b)).item()
+    shrunk = drift.mahalanobis_distance(_t(a), _t(b), shrinkage=0.5).item()
+    assert np.isfinite(plain) and np.isfinite(shrunk) and shrunk != pytest.approx(plain)
+
+
+def _numpy_kl(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        logits = unit @ unit.T / temperature
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True) + 1e-8
+
+    p, q = probabilities(a), probabilities(b)
+    return float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+
+
+@pytest.mark.parametrize("n, m, d", SHAPES)
+@pytest.mark.parametrize("temperature", [1.0, 0.1])
+def test_kl_divergence_matches_numpy(n, m, d, temperature):
+    a, b = _f32(_sets(n, n, d)[0]), _f32(_sets(n, n, d)[1])
+    expected = _numpy_kl(a, b, temperature)
+    assert expected > 0
+    assert drift.kl_divergence(_t(a), _t(b), temperature=temperature).item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_l2_distance_of_a_set_to_itself_is_positive_unless_one_point():
+    a = _t(_sets(6, 6, 8)[0])
+    assert drift.l2_distance(a, a).item() > 0
+    assert drift.l2_distance(a[:1], a[:1]).item() == 0
+
+
+def test_hausdorff_and_kl_of_a_set_to_itself_are_zero():
+    a = _t(_sets(40, 40, 768)[0])  # > 25 rows: where cdist's matmul shortcut would leave ~1e-6 self-distances
+    assert drift.hausdorff_distance(a, a).item() == 0
+    assert drift.kl_divergence(a, a).item() == 0
+
+
+def test_intra_hausdorff_of_a_set_of_duplicates_is_zero():
+    a = torch.tensor([[1.0, 2.0], [1.0, 2.0], [3.0, 4.0], [3.0, 4.0]])
+    assert drift.intra_hausdorff(a).item() == 0
+
+
+def test_set_distances_return_0d_tensors():
+    a, b = (_t(x) for x in _sets(5, 5, 3))
+    for value in [
+        drift.l2_distance(a, b),
+        drift.hausdorff_distance(a, b),
+        drift.intra_hausdorff(a),
+        drift.mahalanobis_distance(a, b),
+        drift.kl_divergence(a, b),
+    ]:
+        assert isinstance(value, torch.Tensor) and value.ndim == 0
+
+
+def test_vector_drift_of_a_scaled_concept_has_ratio_two_and_cosine_one():
+    concept = torch.tensor([0.3, -0.4, 1.2])  # |c| = 1.3
+    report = drift.vector_drift(2 * concept, concept, concept, vocab_norms=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert report["norm"] == pytest.approx(2.6)
+    assert report["concept_norm"] == pytest.approx(1.3)
+    assert report["norm_ratio"] == pytest.approx(2.0)
+    assert report["cosine_concept"] == pytest.approx(1.0)
+    assert report["angle_concept_deg"] == pytest.approx(0.0, abs=1e-5)
+    assert report["cosine_initial"] == pytest.approx(1.0)
+    assert report["norm_percentile"] == pytest.approx(50.0)  # 1.0 and 2.0 lie below 2.6
+
+
+def test_vector_drift_averages_over_the_vectors_of_a_multi_vector_token():
+    concept = torch.tensor([1.0, 0.0])
+    v = torch.tensor([[2.0, 0.0], [0.0, 4.0]])  # along c, and at 90 degrees with twice the norm
+    initial = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    report = drift.vector_drift(v, concept, initial, vocab_norms=torch.arange(1.0, 11.0))
+    assert report == pytest.approx(
+        {
+            "norm": 3.0,
+            "concept_norm": 1.0,
+            "norm_ratio": 3.0,
+            "cosine_concept": 0.5,
+            "angle_concept_deg": 45.0,
+            "cosine_initial": 0.5,
+            "norm_percentile": 20.0,  # |2| -> 10 % (only 1 below), |4| -> 30 %
+        }
+    )
+
+
+@pytest.mark.parametrize("norm, expected", [(0.5, 0.0), (3.0, 20.0), (3.5, 30.0), (11.0, 100.0)])
+def test_norm_percentile_counts_vocabulary_norms_strictly_below(norm, expected):
+    assert drift.norm_percentile(norm, torch.arange(1.0, 11.0)) == pytest.approx(expected)
+
+
+def test_cosine_and_angle_of_a_diagonal():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert drift.cosine(a, b).item() == pytest.approx(2**-0.5)
+    assert drift.angle_deg(a, b).item() == pytest.approx(45.0)
+
+
+_A = torch.ones(4, 3)
+BAD_SET_CALLS = [
+    pytest.param(lambda: drift.l2_distance(torch.ones(3), _A), "2-D", id="1-D set"),
+    pytest.param(lambda: drift.hausdorff_distance(_A, torch.ones(2, 4, 3)), "2-D", id="3-D set"),
+    pytest.param(lambda: drift.l2_distance(_A, torch.ones(4, 5)), "same width", id="mismatched width"),
+    pytest.param(lambda: drift.hausdorff_distance(torch.ones(0, 3), _A), "at least 1 row", id="empty set"),
+    pytest.param(lambda: drift.intra_hausdorff(torch.ones(1, 3)), "at least 2 row", id="intra single row"),
+    pytest.param(lambda: drift.mahalanobis_distance(_A, torch.ones(1, 3)), "at least 2 row", id="cov one row"),
+    pytest.param(lambda: drift.mahalanobis_distance(_A, _A, shrinkage=1.5), "got 1.5", id="shrinkage above 1"),
+    pytest.param(lambda: drift.mahalanobis_distance(_A, _A, shrinkage=-0.1), "got -0.1", id="shrinkage below 0"),
+    pytest.param(lambda: drift.kl_divergence(_A, _A, temperature=0.0), "got 0.0", id="zero temperature"),
+    pytest.param(lambda: drift.kl_divergence(_A, _A, temperature=-1.0), "got -1.0", id="negative temperature"),
+    pytest.param(lambda: drift.kl_divergence(_A, torch.ones(5, 3)), "4 and 5", id="kl unaligned rows"),
+    pytest.param(lambda: drift.cosine(torch.zeros(3), torch.ones(3)), "zero vector", id="zero vector cosine"),
+    pytest.param(lambda: drift.norm_percentile(1.0, torch.ones(2, 2)), "1-D", id="vocab norms matrix"),
+    pytest.param(lambda: drift.vector_drift(torch.ones(3), torch.ones(4), torch.ones(3), _A[0]), "concept", id="c"),
+    pytest.param(lambda: drift.vector_drift(torch.ones(2, 3), torch.ones(3), torch.ones(3), _A[0]), "initial", id="i"),
+]
+
+
+@pytest.mark.parametrize("call, message", BAD_SET_CALLS)
+def test_bad_input_raises_value_error_naming_the_problem(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
