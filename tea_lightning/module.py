@@ -42,6 +42,8 @@ class DiffusionModule(L.LightningModule):
     """
 
     method = "base"
+    concept_word: str | None = None  # the word TEA pulls the keyword back towards ("man", "dog")
+    trains_text_encoder = False  # True when the text encoder's own weights change (DreamBooth with text-encoder LoRA)
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, seed: int = 0, prior_loss_weight: float = 1.0,
                  regularizers: list[Regularizer] | None = None,
