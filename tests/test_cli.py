@@ -1,5 +1,8 @@
 """The Lightning CLI entry point and the shipped configs."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,3 +32,13 @@ def test_every_shipped_config_instantiates(config: Path, tiny_dir, monkeypatch):
                       "--data.instance_dir", str(STAR_IMAGES), "--data.resolution", "64"], run=False)
     assert cli.model.hparams.pretrained == str(tiny_dir)
     assert cli.trainer.max_steps > 0, "training length is set in steps"
+
+
+def test_bad_input_on_the_command_line_prints_one_clear_line_and_no_traceback():
+    result = subprocess.run(
+        [sys.executable, "train.py", "fit", "--config", "configs/demo.yaml", "--model.init_args.concept_word",
+         "teddy bear"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert "error: model.concept_word='teddy bear' is 2 tokens" in result.stderr
+    assert "Traceback" not in result.stderr
