@@ -46,10 +46,9 @@ def test_bad_input_on_the_command_line_prints_one_clear_line_and_no_traceback():
 
 def test_the_progress_bar_counts_optimiser_steps_of_the_whole_run(tmp_path, capfd):
     from helpers import make_trainer, star_data, ti_module
-
     from tea_lightning.callbacks import StepProgressBar
 
     trainer = make_trainer(tmp_path, max_steps=6, callbacks=[StepProgressBar()], enable_progress_bar=True)
     trainer.fit(ti_module(), star_data(repeats=1))  # 3 steps per epoch: the bar must run on across epochs
-    err = capfd.readouterr().err
-    assert "Steps: 100%" in err and "6/6" in err
+    out = capfd.readouterr().out  # Lightning's bars write to stdout
+    assert "Steps: 100%" in out and "6/6" in out
