@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from tea_lightning.data import IMAGE_SUFFIXES, read_image
-from tea_lightning.export import _atomic, read_tea_json
+from tea_lightning.export import read_tea_json, write_bytes
 from tea_lightning.prompt_sets import PROMPTS_DIR, EvalPrompt, fill, load_eval_csv
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -468,7 +468,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _atomic(Path(path), lambda tmp: tmp.write_text(buffer.getvalue(), encoding="utf-8"))
+    write_bytes(buffer.getvalue().encode("utf-8"), path)
 
 
 def _cell(value: Any) -> str:
@@ -605,7 +605,7 @@ def plot_sweep(overall: list[dict[str, Any]], axis: str, path: Path) -> bool:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
     plt.close(figure)
-    _atomic(Path(path), lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    write_bytes(buffer.getvalue(), path)
     return True
 
 
@@ -672,14 +672,15 @@ def write_summary(scores_csv: str | os.PathLike[str], out: str | os.PathLike[str
               *_table([r for r in summary if r["level"] == "prompt"], ["concept", "prompt", "setting"],
                       lambda r: [r["concept"], f"{r['prompt_index']}: {r['template']}", _setting_label(r)])]
     path = out / "summary.md"
-    _atomic(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    write_bytes(("\n".join(lines) + "\n").encode("utf-8"), path)
     return path
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
-def _check_settings(rhos: Sequence[float], alphas: Sequence[float], num_images: int, batch_size: int) -> None:
+def _check_settings(rhos: Sequence[float], alphas: Sequence[float], num_images: int, batch_size: int,
+                    max_prompts: int | None, dino_pooling: str) -> None:
     for name, values in (("rhos", rhos), ("alphas", alphas)):
         if not values:
             raise ValueError(f"{name} is empty; give at least one value in [0, 1] (the paper's default is "
@@ -687,8 +688,11 @@ def _check_settings(rhos: Sequence[float], alphas: Sequence[float], num_images: 
         bad = [v for v in values if not 0 <= v <= 1]
         if bad:
             raise ValueError(f"{name}={list(values)}: {bad} outside [0, 1]; TEA's factors are fractions")
-    if num_images < 1 or batch_size < 1:
-        raise ValueError(f"num_images={num_images}, batch_size={batch_size}: both must be 1 or more")
+    if num_images < 1 or batch_size < 1 or (max_prompts is not None and max_prompts < 1):
+        raise ValueError(f"num_images={num_images}, batch_size={batch_size}, max_prompts={max_prompts}: each must be "
+                         f"1 or more")
+    if dino_pooling not in ("mean", "cls"):
+        raise ValueError(f"dino_pooling={dino_pooling!r}; use 'mean' (all output tokens) or 'cls'")
 
 
 def evaluate(
@@ -760,9 +764,10 @@ def evaluate(
     out_dir = Path(out).expanduser()
     rhos = [0.2] if rhos is None else list(rhos)
     alphas = [0.5] if alphas is None else list(alphas)
-    _check_settings(rhos, alphas, num_images, batch_size)
-    one = Concept(references, checkpoint, images, None, concept_word, None, prompt_class, anchor_image) \
-        if references is not None else None
+    _check_settings(rhos, alphas, num_images, batch_size, max_prompts, dino_pooling)
+    one = None if references is None else Concept(references, checkpoint=checkpoint, images=images,
+                                                  concept_word=concept_word, prompt_class=prompt_class,
+                                                  anchor_image=anchor_image)
     if concepts and one is not None:
         raise ValueError("pass either references (one concept) or concepts (several), not both")
     specs = list(concepts or ([] if one is None else [one]))
