@@ -17,7 +17,6 @@ import functools
 import os
 import platform
 import subprocess
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -43,8 +42,8 @@ VARIANTS = {
 }
 
 
-def train(variant: dict, lr: float, steps: int, seed: int, root: Path) -> tuple[dict[str, float], float]:
-    """One run; returns the keyword's drift at the end and the wall time."""
+def train(variant: dict, lr: float, steps: int, seed: int, root: Path) -> dict:
+    """One run; returns the keyword's drift at the end."""
     options = {k: (v() if callable(v) else v) for k, v in variant.items()}
     L.seed_everything(seed, verbose=False)
     module = TextualInversion(concept_word="star", placeholder="<v>", pretrained="tiny", seed=seed,
@@ -54,16 +53,24 @@ def train(variant: dict, lr: float, steps: int, seed: int, root: Path) -> tuple[
     initial = module.learned_vectors()[0].detach().clone()
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
-    start = time.perf_counter()
     trainer.fit(module, data)
-    seconds = time.perf_counter() - start
     vectors, concept = module.learned_vectors()
     vocab_norms = module.text_encoder.get_input_embeddings().weight[: module.tokenizer.vocab_size].norm(dim=-1)
     drift = vector_drift(vectors, concept[0], initial, vocab_norms)
     drift["concept_percentile"] = norm_percentile(concept[0].norm(), vocab_norms)
     specials = [module.tokenizer.bos_token_id, module.tokenizer.eos_token_id]
     drift["special_percentiles"] = [norm_percentile(vocab_norms[i], vocab_norms) for i in specials]
-    return drift, seconds
+    return drift
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def commit() -> str:
@@ -87,8 +94,7 @@ def main() -> None:
     lines = [
         "# Training-time regularisation on the tiny model",
         "",
-        f"- machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPU cores, torch "
-        f"{torch.__version__}, CPU",
+        f"- machine: {platform.machine()} {cpu_name()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU",
         f"- date: {datetime.date.today().isoformat()}",
         f"- commit: {commit()}",
         f"- command: `python bench/regularization.py --steps {args.steps} --lrs {' '.join(map(str, args.lrs))}`",
@@ -98,12 +104,12 @@ def main() -> None:
     ]
     for lr in args.lrs:
         lines += [f"## lr {lr:g}", "",
-                  "| variant | norm ratio \\|V*\\|/\\|c\\| | cos(V*, c) | angle to c (deg) | norm percentile | s |",
-                  "|---|---|---|---|---|---|"]
+                  "| variant | norm ratio \\|V*\\|/\\|c\\| | cos(V*, c) | angle to c (deg) | norm percentile |",
+                  "|---|---|---|---|---|"]
         for name, variant in VARIANTS.items():
-            drift, seconds = train(variant, lr, args.steps, args.seed, Path("/tmp") / "tea-bench-regularization")
+            drift = train(variant, lr, args.steps, args.seed, Path("/tmp") / "tea-bench-regularization")
             lines.append(f"| {name} | {drift['norm_ratio']:.3f} | {drift['cosine_concept']:.3f} | "
-                         f"{drift['angle_concept_deg']:.1f} | {drift['norm_percentile']:.2f} | {seconds:.0f} |")
+                         f"{drift['angle_concept_deg']:.1f} | {drift['norm_percentile']:.2f} |")
             print(lines[-1], flush=True)
         start, end = drift["special_percentiles"]
         lines += ["", f"For scale: the concept word `star` sits at norm percentile {drift['concept_percentile']:.2f}, "
