@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from tea_lightning.components import DEFAULT_MODEL, load_components
 from tea_lightning.data import sample_seed
 from tea_lightning.prompt_sets import fill
-from tea_lightning.regularizers import Regularizer
+from tea_lightning.regularizers import Regularizer, check_regularizers
 
 # Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across
 # workers: Lightning's generic warnings about both are noise here.
@@ -159,6 +159,7 @@ class DiffusionModule(L.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_fit_start(self) -> None:
+        check_regularizers(self)  # before the first step: a regulariser this method cannot feed is a config error
         # Frozen weights run in half precision on CUDA under mixed precision; trainables stay fp32 so the
         # gradient scaler never meets fp16 parameters ("Attempting to unscale FP16 gradients").
         dtype = _HALF.get(str(self.trainer.precision))
