@@ -21,6 +21,7 @@ TINY = "tiny"
 START, END = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 HIDDEN = 32
+TEXT_GAIN = 8.0
 
 # Words every test, template and demo relies on, beside the words of the shipped prompt files.
 CONCEPT_WORDS = (
@@ -144,6 +145,11 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             rows = text_encoder.get_input_embeddings().weight
             for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
                 rows[token_id] *= 3.0
+            # A random UNet hardly listens to its prompt: its cross-attention outputs are small beside the conv
+            # path. Amplify them so the text matters, as in a trained model, and tests can see what TEA changes.
+            for name, module in unet.named_modules():
+                if name.endswith("attn2.to_out.0"):
+                    module.weight *= TEXT_GAIN
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
