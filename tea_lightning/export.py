@@ -47,6 +47,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     _atomic(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=metadata))
 
 
+def write_bytes(data: bytes, path: Path) -> None:
+    """Write `data` to `path` atomically (reports, plots)."""
+    _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
 def write_json(data: dict[str, Any], path: Path) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 
