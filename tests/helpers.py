@@ -5,6 +5,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 
 ROOT = Path(__file__).resolve().parents[1]
 STAR_IMAGES = ROOT / "examples" / "pink_star"
@@ -36,3 +37,31 @@ def ti_module(lr: float = 5e-3, **kwargs):
     options = dict(concept_word="star", placeholder="<v>", pretrained="tiny", optimizer=adamw(lr))
     options.update(kwargs)
     return TextualInversion(**options)
+
+
+class RecordingLogger(Logger):
+    """Keeps every `log_metrics` call in memory: what a test reads back of what TensorBoard would show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def by_step(self) -> dict[int, dict[str, float]]:
+        merged: dict[int, dict[str, float]] = {}
+        for step, metrics in self.calls:
+            merged.setdefault(step, {}).update(metrics)
+        return merged
