@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from tea_lightning.export import write_export_folder
@@ -34,10 +33,13 @@ class Export(L.Callback):
     def folder(self, trainer: L.Trainer, name: str) -> Path:
         return run_dir(trainer) / self.dirname / name
 
-    @rank_zero_only
     def write(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> Path:
-        step = trainer.global_step
-        return write_export_folder(self.folder(trainer, name), lambda tmp: module.export(tmp, step))
+        # Every rank asks for the folder: `trainer.log_dir` is a broadcast, and a collective that only rank 0
+        # enters hangs a DDP run. Only rank 0 writes.
+        folder, step = self.folder(trainer, name), trainer.global_step
+        if trainer.is_global_zero:
+            write_export_folder(folder, lambda tmp: module.export(tmp, step))
+        return folder
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:

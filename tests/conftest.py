@@ -21,3 +21,13 @@ def tiny_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-sd")
     tiny_pipeline().save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def class_dir(tmp_path_factory) -> Path:
+    """Two class images of "a photo of a star" made by the tiny model (few steps: their content does not matter)."""
+    from tea_lightning.class_images import ensure_class_images
+
+    folder = tmp_path_factory.mktemp("class-star")
+    ensure_class_images(folder, "a photo of a star", 2, pretrained="tiny", resolution=64, batch_size=2, steps=2)
+    return folder
