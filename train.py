@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
-import tea_lightning  # noqa: F401 - registers every method as a choice for `model.class_path`
 from tea_lightning.data import ConceptDataModule
 from tea_lightning.module import DiffusionModule
 

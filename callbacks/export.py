@@ -5,14 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
 from tea_lightning.export import write_export_folder
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's folder: the logger's version folder (`lightning_logs/version_N`) or the trainer's root."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's folder: the logger's version folder (`lightning_logs/version_N`) or the trainer's root.
+
+    Read from the logger directly, not from `trainer.log_dir`: that property is a broadcast, and a collective that
+    only rank 0 enters (code under `rank_zero_only`) hangs a DDP run. Rank 0's answer is the run's.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return Path(logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir)
+    return Path(trainer.default_root_dir)
 
 
 class Export(L.Callback):
@@ -33,13 +42,10 @@ class Export(L.Callback):
     def folder(self, trainer: L.Trainer, name: str) -> Path:
         return run_dir(trainer) / self.dirname / name
 
+    @rank_zero_only
     def write(self, trainer: L.Trainer, module: L.LightningModule, name: str) -> Path:
-        # Every rank asks for the folder: `trainer.log_dir` is a broadcast, and a collective that only rank 0
-        # enters hangs a DDP run. Only rank 0 writes.
-        folder, step = self.folder(trainer, name), trainer.global_step
-        if trainer.is_global_zero:
-            write_export_folder(folder, lambda tmp: module.export(tmp, step))
-        return folder
+        step = trainer.global_step
+        return write_export_folder(self.folder(trainer, name), lambda tmp: module.export(tmp, step))
 
     @override
     def on_train_start(self, trainer, pl_module) -> None:

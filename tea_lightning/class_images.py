@@ -14,7 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tea_lightning.data import image_paths, sample_seed
-from tea_lightning.export import write_image
+from tea_lightning.export import write_png
+
+
+def default_class_dir(root: str | Path, pretrained: str, prompt: str) -> Path:
+    """`<root>/class_images/<model>/<prompt>`: one folder per base model and class prompt, found again next run."""
+    from tea_lightning.textual_inversion import file_stem
+
+    return Path(root) / "class_images" / file_stem(pretrained) / file_stem(prompt)
 
 
 def class_image_name(index: int) -> str:
@@ -68,7 +75,7 @@ def ensure_class_images(folder: str | Path, prompt: str, count: int, *, pretrain
             images = pipe([prompt] * len(indices), height=resolution, width=resolution, num_inference_steps=steps,
                           guidance_scale=guidance, generator=generators).images
             for index, image in zip(indices, images, strict=True):
-                write_image(image, folder / class_image_name(index))
+                write_png(image, folder / class_image_name(index))
             bar.update(len(indices))
     del pipe
     if device.type == "cuda":

@@ -60,24 +60,16 @@ def _fail_image(path: Path, error: Exception) -> ValueError:
     return ValueError(f"Cannot read image {str(path)!r} ({error}). Remove or replace the file, then run again.")
 
 
-def image_paths(folder: str | Path) -> list[Path]:
-    """The images in `folder`, sorted by name (none when the folder does not exist)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
-def load_images(folder: str | Path, resolution: int, what: str = "data.instance_dir") -> torch.Tensor:
+def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
     """Every image in `folder` (EXIF orientation applied, RGB), shorter side resized to `resolution` and
     center-cropped, as uint8 `[N, 3, resolution, resolution]`. Errors name the folder or file and the fix."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist. Point {what} at a folder "
+        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist. Point data.instance_dir at a folder "
                                 f"of {', '.join(IMAGE_SUFFIXES)} images.")
-    paths = image_paths(folder)
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise ValueError(f"Image folder {str(folder)!r} ({what}) holds no {', '.join(IMAGE_SUFFIXES)} images. "
+        raise ValueError(f"Image folder {str(folder)!r} holds no {', '.join(IMAGE_SUFFIXES)} images. "
                          "Add 3-20 photos of the concept.")
     images = []
     for path in paths:
@@ -93,6 +85,14 @@ def load_images(folder: str | Path, resolution: int, what: str = "data.instance_
         image = image.crop((left, top, left + resolution, top + resolution))
         images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # [3, H, W] uint8
     return torch.stack(images)
+
+
+def image_paths(folder: str | Path) -> list[Path]:
+    """The images in `folder`, sorted by name (none when the folder does not exist)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def sample_seed(*parts: int) -> int:
@@ -333,8 +333,7 @@ class ConceptDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["concepts"])
         self.hparams["concepts"] = None if concepts is None else [asdict(c) for c in self.concepts]
         # Decoded now: a bad file fails before any training. Rows of all concepts, in order.
-        per_concept = [load_images(c.instance_dir, resolution, self._where(i) + "instance_dir")
-                       for i, c in enumerate(self.concepts)]
+        per_concept = [load_images(c.instance_dir, resolution) for c in self.concepts]
         self.images = torch.cat(per_concept)
         self.concept_of = [i for i, images in enumerate(per_concept) for _ in range(len(images))]
         self.class_pools: list[ClassPool] | None = None
@@ -393,10 +392,9 @@ class ConceptDataModule(L.LightningDataModule):
                 if module is None:
                     raise ValueError(f"{self._where(i)}class_dir is not set and there is no trainer to place the "
                                      "default folder under; set it.")
-                from tea_lightning.export import file_stem
+                from tea_lightning.class_images import default_class_dir
 
-                folder = Path(self.trainer.default_root_dir) / "class_images" / file_stem(module.pretrained) / \
-                    file_stem(prompt)
+                folder = default_class_dir(self.trainer.default_root_dir, module.pretrained, prompt)
             settings.append((prompt, Path(folder).expanduser(), concept.num_class_images))
         return settings
 
@@ -427,7 +425,10 @@ class ConceptDataModule(L.LightningDataModule):
         """Read every concept's class folder (after `prepare_data` filled it)."""
         pools, offset = [], 0
         for i, (prompt, folder, count) in enumerate(self.class_settings()):
-            images = load_images(folder, self.hparams.resolution, self._where(i) + "class_dir")
+            if not image_paths(folder):
+                raise FileNotFoundError(f"The class folder {str(folder)!r} ({self._where(i)}class_dir) holds no "
+                                        f"images; set {self._where(i)}num_class_images to generate them.")
+            images = load_images(folder, self.hparams.resolution)
             if len(images) < count:
                 raise ValueError(f"{self._where(i)}class_dir {str(folder)!r} holds {len(images)} images, fewer than "
                                  f"num_class_images={count}; they are generated in prepare_data (train through a "

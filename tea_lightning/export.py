@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -48,15 +47,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     _atomic(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=metadata))
 
 
-def write_image(image, path: Path) -> None:
-    """Save a PIL image (format from the suffix, e.g. ``.png``)."""
-    path = Path(path)
-    _atomic(path, lambda tmp: image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG")))
-
-
-def file_stem(keyword: str) -> str:
-    """A file name for a keyword or prompt: `<pink-star>` → `pink-star`, `a photo of a dog` → `a-photo-of-a-dog`."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", keyword).strip("-.") or "embedding"
+def write_png(image: Any, path: Path) -> None:
+    """Save a PIL image as PNG."""
+    _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+def write_bytes(data: bytes, path: Path) -> None:
+    """Write `data` (an image, a CSV, a report) to `path` atomically."""
+    _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

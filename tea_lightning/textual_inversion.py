@@ -8,13 +8,13 @@ parts already uses the current vectors.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tea_lightning import export
-from tea_lightning.export import file_stem
 from tea_lightning.module import DiffusionModule
 
 
@@ -61,6 +61,11 @@ class LearnedTokens(nn.Module):
 
     def attach(self, token_embedding: nn.Embedding) -> None:
         token_embedding.register_forward_hook(lambda module, args, output: self.splice(args[0], output))
+
+
+def file_stem(keyword: str) -> str:
+    """A file name for a keyword: `<pink-star>` → `pink-star`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", keyword).strip("-.") or "embedding"
 
 
 class TextualInversion(DiffusionModule):

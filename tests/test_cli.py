@@ -37,6 +37,30 @@ def test_method_demo_configs_train_a_few_steps_and_export(config, export_file, t
     assert (run / "exports" / "final" / "tea.json").is_file()
 
 
+def test_a_concepts_list_under_data_reaches_custom_diffusion_and_is_refused_by_single_concept_methods(tmp_path):
+    config = tmp_path / "two.yaml"
+    config.write_text(f"""
+model:
+  class_path: tea_lightning.CustomDiffusion
+  init_args: {{pretrained: tiny}}
+data:
+  resolution: 64
+  concepts:
+    - {{instance_dir: {STAR_IMAGES}, concept_word: star}}
+    - {{instance_dir: {STAR_IMAGES}, concept_word: circle, modifier_token: <round>}}
+""")
+    cli = train.main(["--config", str(config)], run=False)
+    assert cli.model.keywords == ["<new1> star", "<round> circle"]
+    assert len(cli.datamodule.concepts) == 2
+
+    ti = tmp_path / "ti.yaml"
+    ti.write_text(config.read_text().replace("tea_lightning.CustomDiffusion", "tea_lightning.TextualInversion")
+                  .replace("{pretrained: tiny}", "{pretrained: tiny, concept_word: star}"))
+    with pytest.raises(ValueError, match="data.concepts lists 2 concepts but TextualInversion trains 1"):
+        train.main(["fit", "--config", str(ti), "--trainer.max_steps", "1", "--trainer.logger", "false",
+                    "--trainer.default_root_dir", str(tmp_path)])
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_instantiates(config: Path, tiny_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
