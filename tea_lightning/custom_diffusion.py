@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tea_lightning import export
-from tea_lightning.data import Concept
+from tea_lightning.data import TrainingConcept
 from tea_lightning.module import DiffusionModule
 from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, single_token_id
 
@@ -125,11 +125,11 @@ class CustomDiffusion(DiffusionModule):
     method = "custom_diffusion"
 
     def __init__(self, concept_word: str | None = None, modifier_token: str = "<new1>", train_q_out: bool = False,
-                 concepts: list[Concept] | None = None, **kwargs) -> None:
+                 concepts: list[TrainingConcept] | None = None, **kwargs) -> None:
         pairs = self._token_pairs(concept_word, modifier_token, concepts)
         super().__init__(**kwargs)
         if concepts is not None:
-            self.hparams["concepts"] = [asdict(Concept(**c) if isinstance(c, dict) else c) for c in concepts]
+            self.hparams["concepts"] = [asdict(TrainingConcept(**c) if isinstance(c, dict) else c) for c in concepts]
         self.modifier_tokens = [token for token, _ in pairs]
         self.concept_words = [word for _, word in pairs]
         self.concept_word = self.concept_words[0]
@@ -151,7 +151,7 @@ class CustomDiffusion(DiffusionModule):
 
     @staticmethod
     def _token_pairs(concept_word: str | None, modifier_token: str,
-                     concepts: list[Concept] | None) -> list[tuple[str, str]]:
+                     concepts: list[TrainingConcept] | None) -> list[tuple[str, str]]:
         """(modifier token, concept word) per concept, checked before any model is loaded."""
         if concepts is None:
             if concept_word is None:
@@ -165,7 +165,7 @@ class CustomDiffusion(DiffusionModule):
                                  "(--model.init_args.concept_word null).")
             if not concepts:
                 raise ValueError("data.concepts is an empty list; list at least one concept.")
-            concepts = [Concept(**c) if isinstance(c, dict) else c for c in concepts]
+            concepts = [TrainingConcept(**c) if isinstance(c, dict) else c for c in concepts]
             missing = [i for i, c in enumerate(concepts) if not c.concept_word]
             if missing:
                 raise ValueError(f"data.concepts[{missing[0]}] has no concept_word; Custom Diffusion initialises its "

@@ -241,7 +241,7 @@ class StepAlignedLoader(DataLoader):
 
 
 @dataclass
-class Concept:
+class TrainingConcept:
     """One concept of a multi-concept run, an entry of ``data.concepts`` (Custom Diffusion reads the same list).
 
     Args:
@@ -261,7 +261,7 @@ class Concept:
     num_class_images: int = 0
 
 
-def _class_setting(concept: Concept, where: str) -> None:
+def _class_setting(concept: TrainingConcept, where: str) -> None:
     """Refuse prior-preservation settings that cannot work, naming the value and the fix."""
     if concept.num_class_images < 0:
         raise ValueError(f"{where}num_class_images={concept.num_class_images} is negative; use 0 (the class folder "
@@ -313,7 +313,7 @@ class ConceptDataModule(L.LightningDataModule):
                  flip_p: float = 0.5, batch_size: int = 1, repeats: int = 100, num_workers: int = 0, seed: int = 0,
                  class_prompt: str | None = None, class_dir: str | None = None, num_class_images: int = 0,
                  class_batch_size: int = 4, class_steps: int = 50, augment: bool = False,
-                 concepts: list[Concept] | None = None) -> None:
+                 concepts: list[TrainingConcept] | None = None) -> None:
         super().__init__()
         if resolution <= 0 or resolution % 8:
             raise ValueError(f"data.resolution={resolution} is not a positive multiple of 8 (the VAE downsamples by "
@@ -339,14 +339,14 @@ class ConceptDataModule(L.LightningDataModule):
         self.class_pools: list[ClassPool] | None = None
 
     @staticmethod
-    def _concept_list(instance_dir: str | None, concepts: list[Concept] | None, class_prompt: str | None,
-                      class_dir: str | None, num_class_images: int) -> list[Concept]:
+    def _concept_list(instance_dir: str | None, concepts: list[TrainingConcept] | None, class_prompt: str | None,
+                      class_dir: str | None, num_class_images: int) -> list[TrainingConcept]:
         if concepts is None:
             if instance_dir is None:
                 raise ValueError("No training images: set data.instance_dir to a folder of photos of the concept "
                                  "(or list several concepts under data.concepts).")
-            single = Concept(instance_dir, class_prompt=class_prompt, class_dir=class_dir,
-                             num_class_images=num_class_images)
+            single = TrainingConcept(instance_dir, class_prompt=class_prompt, class_dir=class_dir,
+                                     num_class_images=num_class_images)
             _class_setting(single, "data.")
             return [single]
         if instance_dir is not None or class_prompt is not None or class_dir is not None or num_class_images:
@@ -356,7 +356,7 @@ class ConceptDataModule(L.LightningDataModule):
             raise ValueError("data.concepts is an empty list; list at least one concept "
                              "({instance_dir, concept_word, modifier_token, class_prompt, ...}) or set "
                              "data.instance_dir instead.")
-        concepts = [Concept(**c) if isinstance(c, dict) else c for c in concepts]
+        concepts = [TrainingConcept(**c) if isinstance(c, dict) else c for c in concepts]
         for i, concept in enumerate(concepts):
             _class_setting(concept, f"data.concepts[{i}].")
         with_class = [c.class_prompt is not None for c in concepts]

@@ -19,7 +19,7 @@ from helpers import (
 )
 from tea_lightning.callbacks import Export
 from tea_lightning.custom_diffusion import CUSTOM_DIFFUSION_WEIGHTS, cross_attentions, load_custom_diffusion
-from tea_lightning.data import FAR_PREFIXES, NEAR_PREFIXES, Concept, resize_augment
+from tea_lightning.data import FAR_PREFIXES, NEAR_PREFIXES, TrainingConcept, resize_augment
 from tea_lightning.export import read_tea_json
 from tea_lightning.module import masked_mean
 from tea_lightning.tiny import tiny_pipeline
@@ -161,7 +161,8 @@ def test_several_concepts_train_in_one_run_each_with_its_own_token(tmp_path):
         folder.mkdir()
         for name in names:
             shutil.copy(STAR_IMAGES / name, folder / name)
-    concepts = [Concept(str(folders[0]), concept_word="star"), Concept(str(folders[1]), concept_word="circle")]
+    concepts = [TrainingConcept(str(folders[0]), concept_word="star"),
+                TrainingConcept(str(folders[1]), concept_word="circle")]
     module = cd_module(concept_word=None, concepts=concepts)
     assert module.keywords == ["<new1> star", "<new2> circle"]
     data = star_data(instance_dir=None, concepts=concepts, batch_size=4, templates="photo of a {}", flip_p=0.0)
@@ -186,8 +187,8 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path
     ({"modifier_token": "star"}, "already in the vocabulary"),
     ({"concept_word": None}, "needs model.concept_word"),
     ({"concept_word": None, "concepts": []}, "empty list"),
-    ({"concepts": [Concept("x", concept_word="cat")]}, "both set"),
-    ({"concept_word": None, "concepts": [Concept("x")]}, r"concepts\[0\] has no concept_word"),
+    ({"concepts": [TrainingConcept("x", concept_word="cat")]}, "both set"),
+    ({"concept_word": None, "concepts": [TrainingConcept("x")]}, r"concepts\[0\] has no concept_word"),
     ({"modifier_token": "<a/b>"}, "slashes"),
 ])
 def test_bad_custom_diffusion_settings_are_refused_with_the_fix(kwargs, message):
