@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tea_lightning import export
-from tea_lightning.data import TrainingConcept
+from tea_lightning.data import TrainingConcept, as_training_concepts
 from tea_lightning.module import DiffusionModule
 from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, single_token_id
 
@@ -129,7 +129,7 @@ class CustomDiffusion(DiffusionModule):
         pairs = self._token_pairs(concept_word, modifier_token, concepts)
         super().__init__(**kwargs)
         if concepts is not None:
-            self.hparams["concepts"] = [asdict(TrainingConcept(**c) if isinstance(c, dict) else c) for c in concepts]
+            self.hparams["concepts"] = [asdict(c) for c in as_training_concepts(concepts)]
         self.modifier_tokens = [token for token, _ in pairs]
         self.concept_words = [word for _, word in pairs]
         self.concept_word = self.concept_words[0]
@@ -165,7 +165,7 @@ class CustomDiffusion(DiffusionModule):
                                  "(--model.init_args.concept_word null).")
             if not concepts:
                 raise ValueError("data.concepts is an empty list; list at least one concept.")
-            concepts = [TrainingConcept(**c) if isinstance(c, dict) else c for c in concepts]
+            concepts = as_training_concepts(concepts)
             missing = [i for i, c in enumerate(concepts) if not c.concept_word]
             if missing:
                 raise ValueError(f"data.concepts[{missing[0]}] has no concept_word; Custom Diffusion initialises its "

@@ -261,6 +261,11 @@ class TrainingConcept:
     num_class_images: int = 0
 
 
+def as_training_concepts(concepts: list[TrainingConcept | dict]) -> list[TrainingConcept]:
+    """Entries as `TrainingConcept` (from Python, plain dicts work too)."""
+    return [TrainingConcept(**c) if isinstance(c, dict) else c for c in concepts]
+
+
 def _class_setting(concept: TrainingConcept, where: str) -> None:
     """Refuse prior-preservation settings that cannot work, naming the value and the fix."""
     if concept.num_class_images < 0:
@@ -356,7 +361,7 @@ class ConceptDataModule(L.LightningDataModule):
             raise ValueError("data.concepts is an empty list; list at least one concept "
                              "({instance_dir, concept_word, modifier_token, class_prompt, ...}) or set "
                              "data.instance_dir instead.")
-        concepts = [TrainingConcept(**c) if isinstance(c, dict) else c for c in concepts]
+        concepts = as_training_concepts(concepts)
         for i, concept in enumerate(concepts):
             _class_setting(concept, f"data.concepts[{i}].")
         with_class = [c.class_prompt is not None for c in concepts]
