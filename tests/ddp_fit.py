@@ -20,7 +20,7 @@ import train  # noqa: E402
 # Few steps at batch 1; class images come from a ready folder; gradient checkpointing for the methods that train
 # UNet weights (it must work under DDP, non-reentrant).
 COMMON = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--data.batch_size", "1"]
+          "--trainer.max_steps", "2", "--data.batch_size", "1"]
 EXTRA = {
     "demo_dreambooth_lora": ["--model.init_args.gradient_checkpointing", "true", "--data.num_class_images", "0"],
     "demo_custom_diffusion": ["--model.init_args.gradient_checkpointing", "true", "--data.num_class_images", "0"],

@@ -29,8 +29,8 @@ def test_method_demo_configs_train_a_few_steps_and_export(config, export_file, t
     monkeypatch.chdir(ROOT)
     # Class images from a ready folder: generating them is tested in test_prior_preservation.py.
     train.main(["fit", "--config", f"configs/{config}.yaml", "--trainer.max_steps", "2", "--data.batch_size", "1",
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
-                "--data.class_dir", str(class_dir), "--data.num_class_images", "0"])
+                "--trainer.default_root_dir", str(tmp_path), "--data.class_dir", str(class_dir),
+                "--data.num_class_images", "0"])
     run = tmp_path / "lightning_logs" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / "exports" / "final" / export_file).is_file()
