@@ -39,3 +39,13 @@ def drift_run(tmp_path_factory):
     make_trainer(root, max_steps=4, callbacks=callbacks,
                  logger=[TensorBoardLogger(root, name="", version=0), recorder]).fit(module, star_data())
     return root / "version_0", recorder.by_step(), module
+
+
+@pytest.fixture(scope="session")
+def class_dir(tmp_path_factory) -> Path:
+    """Two class images of "a photo of a star" made by the tiny model (few steps: their content does not matter)."""
+    from tea_lightning.class_images import ensure_class_images
+
+    folder = tmp_path_factory.mktemp("class-star")
+    ensure_class_images(folder, "a photo of a star", 2, pretrained="tiny", resolution=64, batch_size=2, steps=2)
+    return folder
