@@ -73,6 +73,14 @@ def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
     return torch.stack(images)
 
 
+def latent_keys(batch: dict) -> list[tuple[bool, int, bool]]:
+    """(is_class, image_index, flipped) of each sample of a collated batch: what its pixels are a pure function
+    of, so the module may cache their VAE encoding under this key."""
+    is_class = batch.get("is_class")
+    is_class = [False] * len(batch["image_index"]) if is_class is None else is_class.tolist()
+    return list(zip(is_class, batch["image_index"].tolist(), batch["flipped"].tolist(), strict=True))
+
+
 def sample_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (seed, index, ...): nearby indices get unrelated streams."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
@@ -182,6 +190,11 @@ class ConceptDataModule(L.LightningDataModule):
             samples_per_epoch=max(1, self.hparams.repeats * len(self.images) // world),
             batch_size=self.hparams.batch_size,
         )
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Latent-cache keys are read on the host before the batch moves to the GPU: looking them up costs no sync.
+        batch["latent_keys"] = latent_keys(batch)
+        return batch
 
     def train_dataloader(self) -> DataLoader:
         return StepAlignedLoader(self.train_dataset(), self._position, batch_size=self.hparams.batch_size,
