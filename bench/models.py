@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tea_lightning.tiny import END, START, _vocab_and_merges
+from tea_lightning.tiny import END, START, _vocab_and_merges, assemble
 
 ARCHS = ("tiny", "sd15")
 CLIP_VOCAB = 49_408
@@ -33,7 +33,8 @@ def sd15_tokenizer() -> CLIPTokenizer:
 
 
 def sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """SD 1.5's architecture (configs of stable-diffusion-v1-5, written out) with seeded random weights."""
+    """SD 1.5's architecture (configs of stable-diffusion-v1-5, written out) with seeded random weights; the
+    scheduler is SD 1.5's PNDM schedule (`tiny.assemble`)."""
     tokenizer = sd15_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -56,14 +57,7 @@ def sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
             layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1,
         ))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return assemble(vae, text_encoder, tokenizer, unet)
 
 
 def model_folder(arch: str, cache_dir: Path) -> str:

@@ -196,6 +196,7 @@ class Contestant:
     step_peaks: list[int] = field(default_factory=list)
     resident: int = 0
     load_peak: int = 0
+    setup_s: float = 0.0  # load + warm-up (+ compile) seconds
     error: str | None = None
     finished: bool = False
 
@@ -249,6 +250,7 @@ class Contestant:
         peak, now = self.memory.peak(), self.memory.current()
         if self._setup:
             self.resident, self.load_peak, self._setup = now - self._start, peak - self._start, False
+            self.setup_s = seconds
         else:
             self.times.append((steps, seconds))
             self.step_peaks.append(peak - self._start + self.resident)
@@ -422,6 +424,7 @@ def rows(setting: Setting, contestants: list[Contestant], peak_tflops: float | N
             row["ratio"] = c.steps_per_s / reference.steps_per_s if reference else None
             row["peak_mib"] = max(c.step_peaks) / 2**20 if c.step_peaks else None
             row["load_peak_mib"] = c.load_peak / 2**20
+            row["setup_s"] = c.setup_s
             row["mfu"] = mfu(setting, c, peak_tflops)
             row["block_seconds"] = [round(t, 4) for _, t in c.times]
         out.append(row)
@@ -439,19 +442,19 @@ def mfu(setting: Setting, c: Contestant, peak_tflops: float | None) -> float | N
 
 def table(results: list[dict]) -> str:
     header = ("| arch | method | batch | precision | px | contestant | steps/s | ×ref | peak MiB (steps) | "
-              "peak MiB (load+warm-up) | MFU |")
+              "peak MiB (load+warm-up) | load+warm-up s | MFU |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         head = "| " + " | ".join(str(r[k]) for k in ("arch", "method", "batch", "precision", "resolution",
                                                       "contestant")) + " "
         if r.get("error"):
             what = "skipped" if r.get("skipped") else "failed"
-            lines.append(head + f"| {what}: {r['error'][:100]} | | | | |")
+            lines.append(head + f"| {what}: {r['error'][:100]} | | | | | |")
             continue
         ratio = f"{r['ratio']:.2f}" if r.get("ratio") else "—"
         mfu_text = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         lines.append(head + f"| {r['steps_per_s']:.3g} | {ratio} | {r['peak_mib']:.0f} | {r['load_peak_mib']:.0f} "
-                            f"| {mfu_text} |")
+                            f"| {r.get('setup_s', float('nan')):.1f} | {mfu_text} |")
     return "\n".join(lines)
 
 

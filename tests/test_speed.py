@@ -96,6 +96,7 @@ def _loss_and_saved_bytes(module) -> tuple[torch.Tensor, int, torch.Tensor]:
     return loss.detach(), sum(saved), module.learned.vectors.grad.clone()
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
 def test_gradient_checkpointing_stores_fewer_activations_and_gives_the_same_gradient():
     plain, checkpointed = ti_module(), ti_module()
     prepare(Speed(gradient_checkpointing=True), checkpointed.unet, checkpointed.vae, torch.device("cpu"))
