@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from tea_lightning.tiny import END, START, _vocab_and_merges, assemble
+from tea_lightning.tiny import END, START, _vocab_and_merges, tiny_pipeline
 
 ARCHS = ("tiny", "sd15")
 CLIP_VOCAB = 49_408
@@ -33,8 +33,7 @@ def sd15_tokenizer() -> CLIPTokenizer:
 
 
 def sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """SD 1.5's architecture (configs of stable-diffusion-v1-5, written out) with seeded random weights; the
-    scheduler is SD 1.5's PNDM schedule (`tiny.assemble`)."""
+    """SD 1.5's architecture (configs of stable-diffusion-v1-5, written out) with seeded random weights."""
     tokenizer = sd15_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -57,7 +56,10 @@ def sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             num_attention_heads=12, max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
             layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1,
         ))
-    return assemble(vae, text_encoder, tokenizer, unet)
+    # The tiny pipeline's scheduler is SD 1.x's PNDM schedule; everything else is replaced.
+    parts = {**tiny_pipeline().components, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+             "unet": unet}
+    return StableDiffusionPipeline(**parts, requires_safety_checker=False)
 
 
 def model_folder(arch: str, cache_dir: Path) -> str:

@@ -26,6 +26,7 @@ import datetime
 import functools
 import gc
 import importlib
+import inspect
 import json
 import math
 import platform
@@ -49,6 +50,7 @@ import torch  # noqa: E402
 from bench.models import ARCHS, model_folder  # noqa: E402
 from bench.reference import ReferenceStep, Template  # noqa: E402
 from tea_lightning.data import ConceptDataModule  # noqa: E402
+from tea_lightning.module import DiffusionModule  # noqa: E402
 from tea_lightning.speed import Speed  # noqa: E402
 from tea_lightning.tiny import _vocab_and_merges  # noqa: E402
 
@@ -78,7 +80,7 @@ METHODS = {
 
 # Options that only act on CUDA (no-ops on the CPU, so not worth an ablation row there).
 CUDA_ONLY = ("channels_last", "tf32", "cudnn_benchmark", "fused_optimizer", "frozen_half")
-OFF = {"cache_latents": False, "cache_text": False, "channels_last": False, "tf32": False, "cudnn_benchmark": False,
+OFF = {"cache_latents": False, "channels_last": False, "tf32": False, "cudnn_benchmark": False,
        "fused_optimizer": False, "frozen_half": False}
 
 
@@ -97,29 +99,46 @@ def method_class(method: str) -> type:
     return getattr(module, spec.cls)
 
 
-def build_ours(method: str, pretrained: str, speed: Speed, seed: int = 0) -> L.LightningModule:
+def build_ours(method: str, pretrained: str, speed: Speed, options: dict | None = None,
+               seed: int = 0) -> L.LightningModule:
     spec = METHODS[method]
     optimizer = functools.partial(torch.optim.AdamW, lr=spec.lr, weight_decay=1e-2)
-    return method_class(method)(pretrained=pretrained, seed=seed, optimizer=optimizer, speed=speed, **spec.kwargs)
+    return method_class(method)(pretrained=pretrained, seed=seed, optimizer=optimizer, speed=speed,
+                                **{**spec.kwargs, **(options or {})})
 
 
-def parse_variant(text: str) -> dict[str, Any]:
-    """`off` or `name=value[,name=value]` over the fields of `Speed` → keyword arguments."""
+def module_options() -> set[str]:
+    """Init arguments of the shared module (a variant may set them too, e.g. gradient_checkpointing)."""
+    return set(inspect.signature(DiffusionModule.__init__).parameters) - {"self", "speed", "optimizer", "pretrained",
+                                                                          "seed"}
+
+
+def parse_variant(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`off` or `name=value[,name=value]` → (`Speed` fields, other module init arguments)."""
     if text == "off":
-        return dict(OFF)
-    fields = {f.name: f for f in dataclasses.fields(Speed)}
+        return dict(OFF), {}
+    fields = {f.name for f in dataclasses.fields(Speed)}
+    speed: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for item in text.split(","):
         name, _, value = item.partition("=")
-        if name not in fields or not value:
-            raise ValueError(f"--variant {text!r}: use off or name=value with name in {sorted(fields)}.")
-        if fields[name].type in (bool, "bool"):
-            if value.lower() not in ("true", "false"):
-                raise ValueError(f"--variant {text!r}: {name} takes true or false.")
-            options[name] = value.lower() == "true"
-        else:
-            options[name] = value
-    return options
+        if name not in fields | module_options() or not value:
+            raise ValueError(f"--variant {text!r}: use off or name=value with name one of "
+                             f"{sorted(fields | module_options())}.")
+        (speed if name in fields else options)[name] = _value(value)
+    return speed, options
+
+
+def _value(text: str) -> Any:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def ablation_variants(device: torch.device) -> list[str]:
@@ -127,7 +146,8 @@ def ablation_variants(device: torch.device) -> list[str]:
     names = [f.name for f in dataclasses.fields(Speed) if f.default is True]
     if device.type != "cuda":
         names = [n for n in names if n not in CUDA_ONLY]
-    return [f"{n}=false" for n in names] + ["attention=math", "gradient_checkpointing=true", "off"]
+    extra = ["gradient_checkpointing=true"] if "gradient_checkpointing" in module_options() else []
+    return [f"{n}=false" for n in names] + ["attention=math", *extra, "off"]
 
 
 # ----- memory -------------------------------------------------------------------------------------------------------
@@ -192,6 +212,7 @@ class Contestant:
     body: Callable[[Contestant], None]
     memory: Memory
     speed: Speed | None = None
+    options: dict = field(default_factory=dict)  # other module init arguments of a variant
     times: list[tuple[int, float]] = field(default_factory=list)  # (steps, seconds) per timed block
     step_peaks: list[int] = field(default_factory=list)
     resident: int = 0
@@ -346,7 +367,7 @@ class Setting:
 
 def ours_body(setting: Setting, shared: dict) -> Callable[[Contestant], None]:
     def body(me: Contestant) -> None:
-        module = build_ours(setting.method, setting.pretrained, me.speed)
+        module = build_ours(setting.method, setting.pretrained, me.speed, me.options)
         shared.setdefault("template", Template.of(module))
         trainer = L.Trainer(
             accelerator=setting.device.type, devices=1, precision=setting.precision,
@@ -388,8 +409,9 @@ def compare(setting: Setting, variants: list[str], with_reference: bool = True) 
     if with_reference:
         contestants.append(Contestant("reference", reference_body(setting, shared), memory))
     for variant in variants:
-        contestants.append(Contestant(f"ours[{variant}]", ours_body(setting, shared), memory,
-                                      speed=Speed(**parse_variant(variant))))
+        speed, options = parse_variant(variant)
+        contestants.append(Contestant(f"ours[{variant}]", ours_body(setting, shared), memory, speed=Speed(**speed),
+                                      options=options))
     for contestant in contestants:  # set-up and warm-up, one after another
         contestant.turn()
         _free(setting.device)

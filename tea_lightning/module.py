@@ -20,7 +20,7 @@ from tea_lightning.components import DEFAULT_MODEL, load_components
 from tea_lightning.data import sample_seed
 from tea_lightning.prompt_sets import fill
 from tea_lightning.regularizers import Regularizer
-from tea_lightning.speed import DEFAULT_SPEED, LatentCache, Speed, TextCache, fused, learned_token_ids, prepare
+from tea_lightning.speed import DEFAULT_SPEED, LatentCache, Speed, fused, prepare
 
 # Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across
 # workers: Lightning's generic warnings about both are noise here.
@@ -40,7 +40,7 @@ class DiffusionModule(L.LightningModule):
         regularizers: Penalties on the learned vectors added to the loss (see `tea_lightning.regularizers`).
         optimizer: Optimiser over the trainable tensors only (YAML: ``class_path`` + ``init_args``).
         lr_scheduler: Optional learning-rate schedule, stepped every optimiser step.
-        speed: Speed-ups of the training step (latent and text caches, attention kernel, ...); see `Speed`.
+        speed: Speed-ups of the training step (latent cache, attention kernel, CUDA settings, ...); see `Speed`.
     """
 
     method = "base"
@@ -62,7 +62,7 @@ class DiffusionModule(L.LightningModule):
         self.regularizers = list(regularizers or [])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._last_loss: torch.Tensor | None = None
-        self.speed, self.latent_cache, self.text_cache = speed, LatentCache(), TextCache()
+        self.speed, self.latent_cache = speed, LatentCache()
 
     # ----- what each method defines -------------------------------------------------------------------------------
     @property
@@ -101,19 +101,6 @@ class DiffusionModule(L.LightningModule):
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """`encode_prompts`, reusing the encodings of prompts training cannot change (`Speed.cache_text`)."""
-        if not self.speed.cache_text:
-            return self.encode_prompts(prompts)
-        return self.text_cache.encode(prompts, self.encode_prompts, self.text_is_fixed)
-
-    def text_is_fixed(self, prompt: str) -> bool:
-        """Whether training can never change the encoding of `prompt`: no trainable text-encoder weight and no
-        learned token in it. A method whose encoding changes in another way overrides this."""
-        if any(p.requires_grad for p in self.text_encoder.parameters()):
-            return False
-        return not set(self.tokenizer(prompt).input_ids) & learned_token_ids(self)
-
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Noise, timesteps and latent samples of a step come from (seed, step, micro-batch, rank), not from the
         global RNG: a run resumed from a checkpoint draws exactly what the uninterrupted run drew."""
@@ -151,7 +138,7 @@ class DiffusionModule(L.LightningModule):
         generator = self.step_generator(batch_idx)
         latents = self.encode_images(batch["pixel_values"], generator, batch.get("latent_keys"))
         prompts = [fill(template, self.keyword) for template in batch["template"]]
-        per_sample = self.diffusion_loss(latents, self.encode_text(prompts), generator)
+        per_sample = self.diffusion_loss(latents, self.encode_prompts(prompts), generator)
         loss, parts = self.combine(per_sample, batch.get("is_class"))
         if self.regularizers:
             vectors, concept = self.learned_vectors()
@@ -193,7 +180,6 @@ class DiffusionModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.latent_cache.clear()
-        self.text_cache.clear()
         prepare(self.speed, self.unet, self.vae, self.device)
 
     def configure_optimizers(self) -> Any:

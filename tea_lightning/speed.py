@@ -12,7 +12,7 @@ import inspect
 import warnings
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
@@ -31,9 +31,6 @@ class Speed:
         cache_latents: Encode each (image, flip) through the VAE once and keep its posterior; every step still
             samples a fresh latent from it with the step's generator, so the loss equals the uncached loss. Saves the
             VAE encoder, about 40% of the FLOPs of an uncached step at 512 px.
-        cache_text: Reuse the text encoding of prompts that training cannot change: the text encoder has no
-            trainable weights and the prompt holds no learned token (class prompts; DreamBooth-LoRA without
-            text-encoder LoRA). Prompts with a learned keyword are always encoded afresh.
         attention: ``sdpa`` (PyTorch's fused scaled-dot-product attention), ``xformers`` (needs the xformers
             package and CUDA), or ``math`` (diffusers' plain attention, slow; for comparison only).
         channels_last: Channels-last memory layout for the UNet and VAE convolutions (CUDA only).
@@ -42,21 +39,17 @@ class Speed:
         fused_optimizer: Use the single-kernel ``fused=True`` implementation of Adam/AdamW on CUDA when the configured
             optimiser is one of them and sets neither ``fused`` nor ``foreach``.
         frozen_half: Frozen weights in bf16/fp16 on CUDA under mixed precision; trained tensors stay fp32.
-        gradient_checkpointing: Recompute UNet activations during backward (non-reentrant, so adapters and learned
-            tokens still get gradients): less memory for small GPUs, about 20-30% slower.
         compile_unet: ``torch.compile`` the UNet in place: ``off``, ``default``, ``reduce-overhead`` (CUDA graphs) or
             ``max-autotune``. The first steps pay the compile time (minutes); the state-dict keys do not change.
     """
 
     cache_latents: bool = True
-    cache_text: bool = True
     attention: Attention = "sdpa"
     channels_last: bool = True
     tf32: bool = True
     cudnn_benchmark: bool = True
     fused_optimizer: bool = True
     frozen_half: bool = True
-    gradient_checkpointing: bool = False
     compile_unet: CompileMode = "off"
 
     def __post_init__(self) -> None:
@@ -96,8 +89,6 @@ def prepare(speed: Speed, unet: nn.Module, vae: nn.Module, device: torch.device)
         attention = "sdpa"
     set_attention(unet, attention)
     set_attention(vae, attention)
-    if speed.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # diffusers: use_reentrant=False, also in eval mode
     if device.type == "cuda":
         if speed.tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -140,52 +131,22 @@ class LatentCache:
     def clear(self) -> None:
         self.store.clear()
 
-    def posterior(self, keys: list[Hashable], pixel_values: torch.Tensor,
+    def posterior(self, keys: list[Hashable | None], pixel_values: torch.Tensor,
                   encode: Callable[[torch.Tensor], torch.Tensor]) -> DiagonalGaussianDistribution:
-        """The posterior of each sample; `encode(pixels) -> parameters [1, 2C, h, w]` runs for the unseen ones."""
-        # One image at a time: a cached posterior must not depend on which other images shared its first batch,
-        # or a run resumed from a checkpoint (fresh cache, other batches) would drift from the uninterrupted one.
-        for i, key in enumerate(keys):
-            if key not in self.store:
-                with torch.no_grad():
+        """The posterior of each sample. `encode(pixels) -> parameters [n, 2C, h, w]` runs for unseen keys, one
+        image at a time, and for samples without a key (randomly augmented pixels), together and every time."""
+        with torch.no_grad():
+            # One image at a time: a cached posterior must not depend on which other images shared its first batch,
+            # or a run resumed from a checkpoint (fresh cache, other batches) would drift from the uninterrupted one.
+            for i, key in enumerate(keys):
+                if key is not None and key not in self.store:
                     self.store[key] = encode(pixel_values[i : i + 1])[0].detach()
-        return DiagonalGaussianDistribution(torch.stack([self.store[key] for key in keys]))
-
-
-class TextCache:
-    """Text encodings by prompt, for prompts whose encoding training cannot change."""
-
-    def __init__(self) -> None:
-        self.store: dict[str, torch.Tensor] = {}
-        self.fixed: dict[str, bool] = {}
-
-    def clear(self) -> None:
-        self.store.clear()
-        self.fixed.clear()
-
-    def encode(self, prompts: list[str], encode: Callable[[list[str]], torch.Tensor],
-               is_fixed: Callable[[str], bool]) -> torch.Tensor:
-        """`encode(prompts) -> [B, L, D]`, encoding only the prompts that are not fixed or not seen yet."""
-        for prompt in prompts:
-            if prompt not in self.fixed:
-                self.fixed[prompt] = is_fixed(prompt)
-        todo = [i for i, p in enumerate(prompts) if not (self.fixed[p] and p in self.store)]
-        if len(todo) == len(prompts):
-            encoded = encode(prompts)
-            self._remember(prompts, encoded)
-            return encoded
-        rows: list[Any] = [self.store.get(p) for p in prompts]
-        if todo:
-            encoded = encode([prompts[i] for i in todo])
-            self._remember([prompts[i] for i in todo], encoded)
-            for row, i in enumerate(todo):
-                rows[i] = encoded[row]
-        return torch.stack(rows)
-
-    def _remember(self, prompts: list[str], encoded: torch.Tensor) -> None:
-        for prompt, row in zip(prompts, encoded, strict=True):
-            if self.fixed[prompt]:
-                self.store[prompt] = row.detach()
+            parameters = [None if key is None else self.store[key] for key in keys]
+            fresh = [i for i, key in enumerate(keys) if key is None]
+            if fresh:
+                for row, encoded in zip(fresh, encode(pixel_values[fresh]).detach(), strict=True):
+                    parameters[row] = encoded
+        return DiagonalGaussianDistribution(torch.stack(parameters))
 
 
 def spliced_tokens(module: nn.Module) -> list[nn.Module]:

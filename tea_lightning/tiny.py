@@ -118,11 +118,6 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             rows = text_encoder.get_input_embeddings().weight
             for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
                 rows[token_id] *= 3.0
-    return assemble(vae, text_encoder, tokenizer, unet)
-
-
-def assemble(vae, text_encoder, tokenizer, unet) -> StableDiffusionPipeline:
-    """A `StableDiffusionPipeline` of these parts with SD 1.x's PNDM noise schedule and no safety checker."""
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,

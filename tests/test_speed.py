@@ -9,7 +9,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import train
 from helpers import ROOT, make_trainer, star_data, ti_module
-from tea_lightning.speed import Speed, prepare, set_attention
+from tea_lightning.data import latent_keys
+from tea_lightning.speed import LatentCache, Speed, set_attention
 
 
 class _Losses(L.Callback):
@@ -40,21 +41,25 @@ def test_cached_latents_give_the_same_losses_and_vectors_as_encoding_every_step(
     torch.testing.assert_close(cached.learned.vectors, uncached.learned.vectors, rtol=1e-4, atol=1e-5)
 
 
-def test_class_prompt_encodings_are_reused_while_keyword_prompts_are_encoded_with_gradients():
-    module = ti_module()
-    calls: list[int] = []
-    module.text_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
-    prompts = ["a photo of a star", "a photo of a <v>"]
+def test_augmented_samples_are_encoded_every_step_and_only_unaugmented_ones_are_cached():
+    batch = {"image_index": torch.tensor([0, 1, 0, 2]), "flipped": torch.tensor([False, True, False, False]),
+             "is_class": torch.tensor([False, False, True, True])}
+    assert latent_keys(batch) == [(False, 0, False), (False, 1, True), (True, 0, False), (True, 2, False)]
+    keys = latent_keys(batch, augmented=True)  # instance crops are random: no key; class images are not augmented
+    assert keys == [None, None, (True, 0, False), (True, 2, False)]
 
-    first = module.encode_text(prompts)
-    second = module.encode_text(prompts)
+    cache, encoded = LatentCache(), []
 
-    assert calls == [2, 1], "the fixed class prompt was encoded again"
-    expected = module.encode_prompts(prompts)
-    torch.testing.assert_close(first, expected)
-    torch.testing.assert_close(second, expected)
-    second[1].sum().backward()
-    assert module.learned.vectors.grad is not None and module.learned.vectors.grad.abs().sum() > 0
+    def encode(pixels):
+        encoded.append(len(pixels))
+        return torch.cat([pixels, pixels.abs()], dim=1)  # [n, 2C, h, w]: mean and log-variance
+
+    pixels = torch.randn(4, 4, 2, 2)
+    first = cache.posterior(keys, pixels, encode)
+    second = cache.posterior(keys, pixels, encode)
+    assert encoded == [1, 1, 2, 2], "class images once each, the two augmented samples every time, together"
+    torch.testing.assert_close(first.mean, pixels)
+    torch.testing.assert_close(second.mean, pixels)
 
 
 def test_choosing_an_attention_kernel_keeps_a_methods_own_attention_layers_and_the_output():
@@ -80,33 +85,6 @@ def test_choosing_an_attention_kernel_keeps_a_methods_own_attention_layers_and_t
     assert unet.attn_processors[name] is custom
     assert all(type(p) is AttnProcessor2_0 for n, p in unet.attn_processors.items() if n != name)
     torch.testing.assert_close(unet(sample, 10, context).sample, math_out, rtol=1e-4, atol=1e-5)
-
-
-def _loss_and_saved_bytes(module) -> tuple[torch.Tensor, int, torch.Tensor]:
-    batch = next(iter(star_data(batch_size=2).train_dataloader()))
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor.numel() * tensor.element_size())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = module.training_step(batch, 0)
-    loss.backward()
-    return loss.detach(), sum(saved), module.learned.vectors.grad.clone()
-
-
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log()`")
-def test_gradient_checkpointing_stores_fewer_activations_and_gives_the_same_gradient():
-    plain, checkpointed = ti_module(), ti_module()
-    prepare(Speed(gradient_checkpointing=True), checkpointed.unet, checkpointed.vae, torch.device("cpu"))
-
-    loss, saved_plain, grad = _loss_and_saved_bytes(plain)
-    loss_ckpt, saved_ckpt, grad_ckpt = _loss_and_saved_bytes(checkpointed)
-
-    assert saved_ckpt < 0.7 * saved_plain, (saved_ckpt, saved_plain)
-    torch.testing.assert_close(loss_ckpt, loss)
-    torch.testing.assert_close(grad_ckpt, grad, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="xformers is installed here")

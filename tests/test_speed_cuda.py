@@ -65,10 +65,9 @@ def test_cuda_cached_latents_give_the_uncached_loss(tmp_path, method):
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-3, atol=1e-5)
 
 
-def test_cuda_gradient_checkpointing_and_compiled_unet_train(tmp_path):
-    for speed in (Speed(gradient_checkpointing=True), Speed(compile_unet="default")):
-        module = build("ti", speed)
-        trainer = cuda_trainer(tmp_path / speed.compile_unet, 3, "bf16-mixed")
-        trainer.fit(module, star_data())
-        assert torch.isfinite(trainer.callback_metrics["train/loss"])
-        assert module.learned.vectors.grad is None or torch.isfinite(module.learned.vectors.grad).all()
+def test_cuda_compiled_unet_trains(tmp_path):
+    module = build("ti", Speed(compile_unet="default"))
+    trainer = cuda_trainer(tmp_path, 3, "bf16-mixed")
+    trainer.fit(module, star_data())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert torch.isfinite(module.learned.vectors).all()
