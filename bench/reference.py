@@ -8,7 +8,8 @@
 - new tokens (Textual Inversion's placeholder, Custom Diffusion's modifier) are trained as rows of the whole
   token-embedding matrix: AdamW holds state for all 49,408 × 768 entries; Textual Inversion restores the frozen rows
   from a copy after every step, Custom Diffusion zeroes their gradients before the step;
-- LoRA (peft `add_adapter`) or Custom Diffusion's key/value attention processors train inside the UNet.
+- LoRA (peft adapters, as `add_adapter` makes them) or Custom Diffusion's key/value attention processors train
+  inside the UNet.
 
 It starts from the same weights and the same initial trainables as a tea-lightning module (`Template.of(module)`),
 so the two train the same thing and, with the same generator, compute the same loss (tests/test_bench.py).
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
+from peft import LoraConfig, inject_adapter_in_model
 
 from tea_lightning.components import load_components
 from tea_lightning.data import sample_seed
@@ -79,10 +81,11 @@ class ReferenceStep:
         precision: Lightning precision string ("32", "bf16-mixed", "16-mixed").
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (diffusers' default 1e-2).
+        eps: AdamW epsilon (diffusers' default 1e-8).
     """
 
     def __init__(self, template: Template, device: torch.device, precision: str = "32", lr: float = 5e-4,
-                 weight_decay: float = 1e-2) -> None:
+                 weight_decay: float = 1e-2, eps: float = 1e-8) -> None:
         self.device, self.keyword, self.seed, self.method = device, template.keyword, template.seed, template.method
         half = _HALF.get(str(precision))
         self.autocast = half if half is not None and str(precision).endswith("-mixed") else None
@@ -94,7 +97,7 @@ class ReferenceStep:
         self.new_ids = self._add_tokens(template)  # TI placeholder / CD modifier rows, trained via the whole matrix
         self._add_unet_adapters(template)
         if template.text_peft is not None:  # DreamBooth with text-encoder LoRA
-            self.text_encoder.add_adapter(template.text_peft)
+            inject_adapter_in_model(template.text_peft, self.text_encoder)
             _copy_into(self.text_encoder, template.text_init)
 
         # Frozen parts in weight_dtype, trainables fp32; the text encoder stays fp32 when its token table trains.
@@ -108,7 +111,7 @@ class ReferenceStep:
         self.trainable = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError(f"The reference for {template.method!r} found nothing to train.")
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=weight_decay, eps=eps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         if self.new_ids:
             self.orig_embeds_params = self.text_encoder.get_input_embeddings().weight.data.clone()
@@ -134,11 +137,10 @@ class ReferenceStep:
 
     def _add_unet_adapters(self, template: Template) -> None:
         if template.method.startswith("dreambooth"):
-            from peft import LoraConfig
-
+            # What `unet.add_adapter` does in the scripts (called directly: diffusers' wrapper wants peft ≥ 0.22).
             config = template.unet_peft or LoraConfig(
                 r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=DIFFUSERS_LORA_TARGETS)
-            self.unet.add_adapter(config)
+            inject_adapter_in_model(config, self.unet)
         elif template.method.startswith("custom"):
             self._custom_diffusion_processors()
         _copy_into(self.unet, template.unet_init)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, XFormersAttnProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
@@ -66,16 +66,14 @@ class Speed:
 DEFAULT_SPEED = Speed()
 
 
-_PLAIN = (AttnProcessor, AttnProcessor2_0)
+_KERNELS = {"sdpa": AttnProcessor2_0, "math": AttnProcessor, "xformers": XFormersAttnProcessor}
+_PLAIN = tuple(_KERNELS.values())
 
 
 def set_attention(model: nn.Module, attention: Attention) -> None:
     """Select the attention kernel of a diffusers model. Only plain processors are swapped: a method's own
-    processors (Custom Diffusion's trainable ones) stay. xformers is diffusers' own switch, on CUDA only."""
-    if attention == "xformers":
-        model.enable_xformers_memory_efficient_attention()
-        return
-    kind = AttnProcessor2_0 if attention == "sdpa" else AttnProcessor
+    processors (Custom Diffusion's, which hold trained tensors the optimiser already tracks) stay as they are."""
+    kind = _KERNELS[attention]
     processors = model.attn_processors
     if any(isinstance(p, _PLAIN) and not isinstance(p, kind) for p in processors.values()):
         model.set_attn_processor({name: kind() if isinstance(p, _PLAIN) else p for name, p in processors.items()})

@@ -3,11 +3,12 @@
 import functools
 
 import lightning as L
+import pytest
 import torch
 
 from bench import train_step
 from bench.reference import ReferenceStep, Template
-from helpers import make_trainer, star_data, ti_module
+from helpers import make_trainer, star_data
 
 
 class _Record(L.Callback):
@@ -18,36 +19,51 @@ class _Record(L.Callback):
         self.losses.append(outputs["loss"].detach().clone())
 
 
-def test_reference_step_computes_our_loss_and_trains_the_same_vectors(tmp_path):
-    # Weight decay on: the reference must restore the frozen rows it decays, and decay the learned row as we do.
-    ours = ti_module(optimizer=functools.partial(torch.optim.AdamW, lr=5e-2, weight_decay=1e-2), seed=3)
-    reference = ReferenceStep(Template.of(ours), torch.device("cpu"), "32", lr=5e-2, weight_decay=1e-2)
-    frozen_before = reference.text_encoder.get_input_embeddings().weight.detach().clone()
+def _method(name: str):
+    try:
+        return train_step.method_class(name)
+    except train_step.MethodUnavailable as error:
+        pytest.skip(str(error))
+
+
+@pytest.mark.parametrize("method", list(train_step.METHODS))
+def test_reference_step_computes_our_loss_and_trains_the_same_tensors(tmp_path, method):
+    # Weight decay on: the reference must restore (TI) or shield (CD) the frozen rows it holds in its optimiser.
+    # A large epsilon keeps Adam from blowing rounding-level gradient differences up to whole steps where a gradient
+    # is near zero (LoRA's up weights start at zero), so the trained tensors can be compared closely.
+    adam = dict(lr=5e-2, weight_decay=1e-2, eps=1e-3)
+    ours = _method(method)(pretrained="tiny", seed=3, optimizer=functools.partial(torch.optim.AdamW, **adam),
+                           **train_step.METHODS[method].kwargs)
+    reference = ReferenceStep(Template.of(ours), torch.device("cpu"), "32", **adam)
+    rows_before = reference.text_encoder.get_input_embeddings().weight.detach().clone()
     record = _Record()
 
-    make_trainer(tmp_path, max_steps=3, callbacks=[record]).fit(ours, star_data(batch_size=2))
-    batches = iter(star_data(batch_size=2).train_dataloader())
+    make_trainer(tmp_path, max_steps=3, callbacks=[record]).fit(ours, star_data(batch_size=1))
+    batches = iter(star_data(batch_size=1).train_dataloader())
     reference_losses = [reference.step(next(batches)) for _ in range(3)]
 
-    torch.testing.assert_close(torch.stack(reference_losses), torch.stack(record.losses), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(reference.learned_rows(), ours.learned.vectors.detach(), rtol=1e-5, atol=1e-6)
-    rows = reference.text_encoder.get_input_embeddings().weight.detach()
-    frozen = torch.ones(len(rows), dtype=torch.bool)
-    frozen[reference.new_ids] = False
-    assert torch.equal(rows[frozen], frozen_before[frozen]), "the reference let weight decay move frozen rows"
+    torch.testing.assert_close(torch.stack(reference_losses), torch.stack(record.losses), rtol=1e-4, atol=1e-6)
+    close = dict(rtol=1e-3, atol=1e-4)  # lr 5e-2: a fraction of a percent of one step
+    trained = dict(ours.unet.named_parameters())
+    for name, p in reference.unet.named_parameters():
+        if p.requires_grad:  # LoRA / Custom Diffusion tensors, same names on both sides
+            torch.testing.assert_close(p.detach(), trained[name].detach(), **close)
+    if reference.new_ids:  # TI placeholder / CD modifier rows
+        torch.testing.assert_close(reference.learned_rows(), ours.learned_vectors()[0].detach(), **close)
+        rows = reference.text_encoder.get_input_embeddings().weight.detach()
+        frozen = torch.ones(len(rows), dtype=torch.bool)
+        frozen[reference.new_ids] = False
+        if method == "ti":  # textual_inversion.py restores them bit for bit
+            assert torch.equal(rows[frozen], rows_before[frozen]), "the reference let weight decay move frozen rows"
 
 
 def test_benchmark_runs_on_the_tiny_model_and_prints_the_table(capsys):
-    results = train_step.main(["--arch", "tiny", "--method", "all", "--steps", "2", "--warmup", "1"])
+    results = train_step.main(["--arch", "tiny", "--method", "ti", "--steps", "2", "--warmup", "1"])
 
     out = capsys.readouterr().out
     assert "| contestant | steps/s | ×ref | peak MiB (steps)" in out
-    ran = [r for r in results if not r.get("skipped")]
-    assert {r["contestant"] for r in ran if r["method"] == "ti"} == {"ours", "reference"}
-    for row in ran:
+    assert {r["contestant"] for r in results} == {"ours", "reference"}
+    for row in results:
         assert row["error"] is None, row["error"]
         assert row["steps_per_s"] > 0 and row["steps"] == 2
         assert f"| {row['contestant']} | {row['steps_per_s']:.3g} |" in out
-    for row in results:
-        if row.get("skipped"):
-            assert "skipped" in out and row["method"] in ("lora", "cd")
