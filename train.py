@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 import tea_lightning
@@ -16,9 +17,17 @@ from tea_lightning.data import ConceptDataModule
 from tea_lightning.module import DiffusionModule
 
 
+class CLI(LightningCLI):
+    """`data` is the concept images (`ConceptDataModule`) unless the config names another `class_path`
+    (`tea_lightning.scenes.SceneDataModule` for training the mini world)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"data": {"class_path": f"{ConceptDataModule.__module__}.{ConceptDataModule.__name__}"}})
+
+
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(DiffusionModule, ConceptDataModule, subclass_mode_model=True, args=args, run=run,
-                        save_config_kwargs={"overwrite": True})
+    return CLI(DiffusionModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
+               run=run, save_config_kwargs={"overwrite": True})
 
 
 def input_error(error: BaseException) -> BaseException | None:

@@ -118,6 +118,14 @@ class ConceptStream(IterableDataset):
                 yield self.sample(self.start + k * self.world + self.rank)
 
 
+def stream_position(trainer: L.Trainer | None, batch_size: int) -> tuple[int, int, int]:
+    """(first sample, rank, world size) of the stream at the trainer's optimiser step."""
+    if trainer is None:
+        return 0, 0, 1
+    per_step = batch_size * trainer.accumulate_grad_batches * trainer.world_size
+    return trainer.global_step * per_step, trainer.global_rank, trainer.world_size
+
+
 class StepAlignedLoader(DataLoader):
     """A DataLoader whose stream starts, at every `iter()`, at the sample the optimiser step says it should: every
     epoch, and every resume from a `.ckpt`, continues exactly where an uninterrupted run would be."""
@@ -169,11 +177,7 @@ class ConceptDataModule(L.LightningDataModule):
         self.images = load_images(instance_dir, resolution)  # decoded now: a bad file fails before any training
 
     def _position(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0, 1
-        per_step = self.hparams.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        return trainer.global_step * per_step, trainer.global_rank, trainer.world_size
+        return stream_position(self.trainer, self.hparams.batch_size)
 
     def train_dataset(self) -> ConceptStream:
         world = self.trainer.world_size if self.trainer is not None else 1

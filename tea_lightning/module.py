@@ -124,11 +124,14 @@ class DiffusionModule(L.LightningModule):
         return instance + self.hparams.prior_loss_weight * prior, {"train/instance_loss": instance,
                                                                     "train/prior_loss": prior}
 
+    def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
+        """The prompts of a batch: each sample's template filled with the keyword (captioned data overrides this)."""
+        return [fill(template, self.keyword) for template in batch["template"]]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self.step_generator(batch_idx)
         latents = self.encode_images(batch["pixel_values"], generator)
-        prompts = [fill(template, self.keyword) for template in batch["template"]]
-        per_sample = self.diffusion_loss(latents, self.encode_prompts(prompts), generator)
+        per_sample = self.diffusion_loss(latents, self.encode_prompts(self.batch_prompts(batch)), generator)
         loss, parts = self.combine(per_sample, batch.get("is_class"))
         if self.regularizers:
             vectors, concept = self.learned_vectors()
