@@ -2,5 +2,6 @@
 
 from tea_lightning.callbacks.export import Export
 from tea_lightning.callbacks.progress import StepProgressBar
+from tea_lightning.callbacks.samples import SampleImages
 
-__all__ = ["Export", "StepProgressBar"]
+__all__ = ["Export", "SampleImages", "StepProgressBar"]

@@ -47,6 +47,11 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     _atomic(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=metadata))
 
 
+def write_png(image: Any, path: Path) -> None:
+    """Save a PIL image as PNG."""
+    _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
 def write_json(data: dict[str, Any], path: Path) -> None:
     _atomic(Path(path), lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
 

@@ -1,0 +1,487 @@
+"""Reading every checkpoint format users already have (docs/formats.md) and installing it into a stock pipeline.
+
+`read(path)` looks at one file or folder and says what it holds; it loads no model, so bad input fails fast.
+`build(sources, ...)` loads the base model once, installs every source into it (token rows, LoRA, Custom Diffusion
+processors) and returns a `Personalized` model: the stock `StableDiffusionPipeline` plus what TEA needs to know
+(each concept's keyword and concept word, and where each learned token's rows live).
+
+Learned token rows are installed the way diffusers' `load_textual_inversion` does it (new tokens, new embedding
+rows), so without TEA the pipeline behaves exactly as stock diffusers would with the same file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from safetensors import SafetensorError, safe_open
+from torch import Tensor
+
+from tea_lightning.components import DEFAULT_MODEL, load_pipeline
+from tea_lightning.export import DIFFUSERS_TI, TEA_JSON, read_tea_json
+from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, placeholder_tokens
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"
+ACCEPTED = """Accepted checkpoints:
+  - a tea-lightning export folder (holds tea.json), or a diffusers training output folder holding
+    learned_embeds.safetensors, pytorch_lora_weights.safetensors or pytorch_custom_diffusion_weights.safetensors
+  - a tea-lightning Lightning checkpoint (.ckpt)
+  - a diffusers Textual Inversion file (.safetensors/.bin holding {token: [n, D]})
+  - an AUTOMATIC1111 embedding (.pt with string_to_param, .safetensors with emb_params; kohya's emb_params too)
+  - a Custom Diffusion token file (<token>.safetensors/.bin holding {token: [D]})
+  - a DreamBooth LoRA file (pytorch_lora_weights.safetensors; diffusers or kohya keys)
+  - Custom Diffusion weights (pytorch_custom_diffusion_weights.safetensors/.bin)"""
+_PICKLES = (".pt", ".bin", ".pth")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A keyword as written in prompts ("<v>", "sks dog", "<new1> cat") and the word TEA pulls it towards ("man").
+
+    `phrase` is what the tokenizer reads in the keyword's place: the keyword with each multi-vector token expanded
+    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself.
+    """
+
+    keyword: str
+    concept_word: str | None = None
+    phrase: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.phrase or self.keyword
+
+
+@dataclass
+class LearnedRows:
+    """Learned rows `[k, D]` of the tokens with ids `first_id .. first_id + k - 1`, and their concept rows `[k, D]`."""
+
+    first_id: int
+    vectors: Tensor
+    targets: Tensor
+
+
+@dataclass
+class Source:
+    """What one checkpoint file or folder holds (nothing installed yet)."""
+
+    path: str
+    kind: str
+    base_model: str | None = None
+    concepts: list[Concept] = field(default_factory=list)
+    embeddings: dict[str, Tensor] = field(default_factory=dict)  # token -> [k, D]
+    lora: dict[str, Tensor] | None = None
+    custom_diffusion: dict[str, Tensor] | None = None
+    module: Any = None  # a DiffusionModule rebuilt from a .ckpt that is not plain Textual Inversion
+
+
+@dataclass
+class Personalized:
+    """A stock pipeline with a personalisation installed, and what TEA needs: concepts and learned token rows."""
+
+    pipe: StableDiffusionPipeline
+    concepts: list[Concept]
+    rows: list[LearnedRows]
+    checkpoint: str
+    base_model: str
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+
+
+def read(path: str | Path, pretrained: str | None = None) -> Source:
+    """Say what the checkpoint at `path` holds. `pretrained` is only used to rebuild a method from a `.ckpt`."""
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint={str(path)!r} does not exist. {ACCEPTED}")
+    if path.is_dir():
+        return _read_folder(path)
+    if path.suffix == ".ckpt":
+        return _read_lightning(path, pretrained)
+    return _classify(path, *_load_tensors(path))
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"checkpoint={str(path)!r} is not a readable safetensors file ({error}).") from error
+    if path.suffix in _PICKLES:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ValueError(
+                f"checkpoint={str(path)!r} holds Python objects beyond tensors, and pickle files are only loaded with "
+                "torch.load(weights_only=True) because a full unpickle can run arbitrary code. Convert it to "
+                f".safetensors where it was made, or use a file you trust in another format. ({error})") from error
+        except (RuntimeError, EOFError) as error:
+            raise ValueError(f"checkpoint={str(path)!r} is not a readable PyTorch file ({error}). "
+                             f"{ACCEPTED}") from error
+        if not isinstance(data, dict):
+            raise ValueError(f"checkpoint={str(path)!r} holds a {type(data).__name__}, not a dict of tensors. "
+                             f"{ACCEPTED}")
+        return data, {}
+    raise ValueError(f"checkpoint={str(path)!r} has the unknown suffix {path.suffix!r}. {ACCEPTED}")
+
+
+def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Source:
+    """Recognise a file by its keys, never by its name (users rename files)."""
+    where = str(path)
+    if "string_to_param" in data:  # AUTOMATIC1111 .pt: {"string_to_param": {"*": [n, D]}, "name": ...}
+        params = data["string_to_param"]
+        tensor = params.get("*", next(iter(params.values()), None)) if isinstance(params, dict) else None
+        name = data.get("name") if isinstance(data.get("name"), str) else path.stem
+        return _embedding_source(where, "AUTOMATIC1111 embedding", {name: tensor})
+    if "emb_params" in data:  # AUTOMATIC1111 / kohya: {"emb_params": [n, D]}; the token is the file's name
+        name = metadata.get("name") or path.stem
+        return _embedding_source(where, "AUTOMATIC1111/kohya embedding", {name: data["emb_params"]})
+    keys = list(data)
+    if keys and any("_custom_diffusion" in k for k in keys):
+        return Source(where, "Custom Diffusion weights", custom_diffusion=_tensors(where, data))
+    if keys and all("lora" in k for k in keys):
+        return Source(where, "LoRA weights", lora=_tensors(where, data))
+    if keys and all(isinstance(v, Tensor) and v.ndim in (1, 2) and "." not in k for k, v in data.items()):
+        return _embedding_source(where, "diffusers Textual Inversion embedding", data)
+    shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    raise ValueError(f"checkpoint={where!r} is of an unknown format (keys: {shown or 'none'}). {ACCEPTED}")
+
+
+def _tensors(where: str, data: dict[str, Any]) -> dict[str, Tensor]:
+    bad = [k for k, v in data.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise ValueError(f"checkpoint={where!r}: entries {bad[:5]} are not tensors. {ACCEPTED}")
+    return dict(data)
+
+
+def _embedding_source(where: str, kind: str, embeddings: dict[str, Any]) -> Source:
+    rows = {}
+    for token, tensor in embeddings.items():
+        if not isinstance(tensor, Tensor) or tensor.ndim not in (1, 2) or not tensor.is_floating_point():
+            raise ValueError(f"checkpoint={where!r}: the embedding of {token!r} is not a float tensor [n, D] or [D].")
+        rows[token] = tensor.detach().float().reshape(-1, tensor.shape[-1])  # Custom Diffusion tokens are 1-D
+    return Source(where, kind, concepts=[Concept(token) for token in rows], embeddings=rows)
+
+
+def _read_folder(folder: Path) -> Source:
+    info = read_tea_json(folder) if (folder / TEA_JSON).is_file() else {}
+
+    def first(*names: str) -> Path | None:
+        return next((folder / n for n in names if (folder / n).is_file()), None)
+
+    ti = first(DIFFUSERS_TI, "learned_embeds.bin")
+    lora = first(LORA_FILE, "pytorch_lora_weights.bin")
+    custom = first(CUSTOM_DIFFUSION_FILE, "pytorch_custom_diffusion_weights.bin")
+    parts = [_classify(p, *_load_tensors(p)) for p in (ti, lora, custom) if p is not None]
+    if ti is None:  # Custom Diffusion writes one `{token: [D]}` file per modifier token
+        known = {p.name for p in (lora, custom) if p is not None}
+        for path in sorted(folder.iterdir()):
+            if path.suffix in (".safetensors", ".bin") and path.name not in known and path.is_file():
+                data, metadata = _load_tensors(path)
+                if "emb_params" not in data and "string_to_param" not in data:
+                    try:
+                        part = _classify(path, data, metadata)
+                    except ValueError:
+                        continue  # not ours to read; the folder may hold other files
+                    if part.embeddings:
+                        parts.append(part)
+    if not parts:
+        listing = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+        raise ValueError(f"checkpoint={str(folder)!r} is a folder without a checkpoint file (it holds {listing}). "
+                         f"{ACCEPTED}")
+    source = merge(parts)
+    source.path = str(folder)
+    source.kind = f"{info.get('method', 'diffusers')} export folder"
+    source.base_model = info.get("base_model")
+    listed = info.get("concepts") or ([info] if info.get("keyword") else [])  # tea.json names the keyword(s)
+    if listed:
+        source.concepts = [Concept(c["keyword"], c.get("concept_word")) for c in listed]
+    return source
+
+
+def _read_lightning(path: Path, pretrained: str | None) -> Source:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"checkpoint={str(path)!r} holds Python objects beyond tensors; .ckpt files are only "
+                         f"loaded with torch.load(weights_only=True). ({error})") from error
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    state = checkpoint.get("state_dict") or {}
+    if not hparams or not state:
+        raise ValueError(f"checkpoint={str(path)!r} is not a tea-lightning Lightning checkpoint (it lacks "
+                         f"hyper_parameters or state_dict). {ACCEPTED}")
+    base = pretrained or hparams.get("pretrained")
+    if set(state) == {"learned.vectors"} and "placeholder" in hparams:  # Textual Inversion: read the rows directly
+        source = _embedding_source(str(path), "Textual Inversion checkpoint", {hparams["placeholder"]: state[
+            "learned.vectors"]})
+        source.concepts = [Concept(hparams["placeholder"], hparams.get("concept_word"))]
+        source.base_model = base
+        return source
+    module = _rebuild_module(path, hparams, state, base)
+    return Source(str(path), f"{type(module).__name__} checkpoint", base_model=module.pretrained,
+                  concepts=[Concept(module.keyword, module.concept_word)], module=module)
+
+
+def _rebuild_module(path: Path, hparams: dict[str, Any], state: dict[str, Tensor], base: str | None):
+    """Rebuild the method that wrote `path` (its class is recorded by LightningCLI) and load its trained tensors."""
+    from tea_lightning.module import DiffusionModule
+
+    class_path = hparams.get("_class_path", "")
+    if not class_path.startswith("tea_lightning."):
+        raise ValueError(f"checkpoint={str(path)!r} does not record a tea-lightning method class (_class_path="
+                         f"{class_path or None!r}); load its export folder (exports/final) instead.")
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, DiffusionModule)):
+        raise ValueError(f"checkpoint={str(path)!r} names {class_path!r}, which is not a tea-lightning method.")
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if base is not None:
+        kwargs["pretrained"] = base
+    module = cls(**kwargs)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def merge(sources: Sequence[Source]) -> Source:
+    """One source from several (multi-concept: `<man>` from one file, `<dog>` from another)."""
+    if len(sources) == 1:
+        return sources[0]
+    if any(s.module is not None for s in sources):
+        raise ValueError("A .ckpt of a method other than Textual Inversion cannot be combined with other checkpoints; "
+                         "use its export folder (exports/final) instead.")
+    merged = Source(" + ".join(s.path for s in sources), " + ".join(s.kind for s in sources))
+    bases = {s.base_model for s in sources if s.base_model}
+    if len(bases) > 1:
+        raise ValueError(f"The checkpoints were trained on different base models {sorted(bases)}; pass --pretrained to "
+                         "choose one, or combine checkpoints of one base model.")
+    merged.base_model = next(iter(bases), None)
+    for source in sources:
+        for token, rows in source.embeddings.items():
+            if token in merged.embeddings:
+                raise ValueError(f"The token {token!r} is defined twice ({source.path} and another checkpoint); "
+                                 "rename one of the files or tokens.")
+            merged.embeddings[token] = rows
+        for kind in ("lora", "custom_diffusion"):
+            if getattr(source, kind) is not None:
+                if getattr(merged, kind) is not None:
+                    raise ValueError(f"Two checkpoints hold {kind.replace('_', ' ')} weights; load one at a time.")
+                setattr(merged, kind, getattr(source, kind))
+        merged.concepts += [c for c in source.concepts if c.keyword not in {m.keyword for m in merged.concepts}]
+    return merged
+
+
+# ------------------------------------------------------------------------------------------------ concepts
+
+
+def parse_concepts(concepts: Mapping[str, str] | Sequence[str] | None) -> dict[str, str]:
+    """`{"<man>": "man"}` or `["<man>=man", "sks dog=dog"]` → `{keyword: concept word}`."""
+    if concepts is None:
+        return {}
+    if isinstance(concepts, Mapping):
+        pairs = dict(concepts)
+    else:
+        pairs = {}
+        for item in concepts:
+            keyword, sep, word = str(item).partition("=")
+            if not sep or not keyword.strip() or not word.strip():
+                raise ValueError(f"concept={item!r} is not 'KEYWORD=WORD'; write e.g. '<man>=man' or 'sks dog=dog'.")
+            pairs[keyword.strip()] = word.strip()
+    for keyword, word in pairs.items():
+        if not str(keyword).strip() or not str(word).strip():
+            raise ValueError(f"concepts has an empty keyword or word in {keyword!r}: {word!r}.")
+    return pairs
+
+
+def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
+                     concepts: Mapping[str, str] | Sequence[str] | None = None) -> list[Concept]:
+    """The checkpoint's concepts with the user's words applied: `concept_word` names the word of the only concept;
+    `concepts` ({keyword: word}) sets the word of a listed keyword or adds a keyword (DreamBooth LoRA files do not
+    say what their keyword is). Every concept must end up with a word."""
+    result = list(found)
+    if concept_word is not None:
+        if len(result) != 1:
+            names = [c.keyword for c in result]
+            raise ValueError(f"concept_word={concept_word!r} needs exactly one keyword, but the checkpoint has "
+                             f"{len(result)} {names}; use --concept 'KEYWORD=WORD' for each keyword instead.")
+        result = [replace(result[0], concept_word=concept_word)]
+    for keyword, word in parse_concepts(concepts).items():
+        index = next((i for i, c in enumerate(result) if c.keyword == keyword), None)
+        if index is None:
+            result.append(Concept(keyword, word))
+        else:
+            result[index] = replace(result[index], concept_word=word)
+    if not result:
+        raise ValueError("The checkpoint does not say which keyword it learned (a bare LoRA or Custom Diffusion "
+                         "file). Name it and its concept word with --concept 'sks dog=dog'.")
+    missing = [c.keyword for c in result if not c.concept_word]
+    if missing:
+        raise ValueError(f"No concept word for the keyword(s) {missing}: TEA pulls a keyword back towards the word it "
+                         f"stands for. Pass --concept_word man (one keyword) or --concept '{missing[0]}=man'.")
+    return result
+
+
+def concept_row(tokenizer, table: Tensor, word: str, concept_reduce: str = "error") -> Tensor:
+    """The input-embedding row of `word` exactly as a prompt tokenizes it (`man` → `man</w>`, not the sub-word
+    `man`), fp32 `[D]`. A word of several tokens is an error unless `concept_reduce="mean"` (mean of its rows)."""
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids or (len(ids) > 1 and concept_reduce != "mean"):
+        pieces = tokenizer.convert_ids_to_tokens(ids)
+        raise ValueError(f"concept_word={word!r} is {len(ids)} tokens {pieces}, not one. Choose a one-token word "
+                         "close to the concept ('man', 'dog', 'toy'), or pass --concept_reduce mean to pull "
+                         "towards the mean of its rows.")
+    return table[ids].detach().float().mean(dim=0)
+
+
+def _owner(concepts: Sequence[Concept], token: str) -> Concept:
+    for concept in concepts:
+        if token in concept.keyword.split():
+            return concept
+    raise ValueError(f"The learned token {token!r} appears in no keyword {[c.keyword for c in concepts]}; name its "
+                     f"concept word with --concept '{token}=WORD'.")
+
+
+# ------------------------------------------------------------------------------------------------ installing
+
+
+def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = None,
+          concept_reduce: str = "error") -> Personalized:
+    """Load the base model and install `source` into it; `concepts` come from `resolve_concepts`."""
+    if source.module is not None:
+        return from_module(source.module, concepts=concepts, concept_reduce=concept_reduce, checkpoint=source.path)
+    base = pretrained or source.base_model or DEFAULT_MODEL
+    pipe = load_pipeline(base)
+    table = pipe.text_encoder.get_input_embeddings()
+    width = table.weight.shape[1]
+    for token, rows in source.embeddings.items():
+        if rows.shape[-1] != width:
+            raise ValueError(f"The embedding {token!r} in {source.path} is {rows.shape[-1]} wide, but the text encoder "
+                             f"of {base!r} is {width} wide (768 = SD 1.x, 1024 = SD 2.x): it was trained for another "
+                             "base model. Pass --pretrained with the model it was trained on.")
+    rows_by_token = {}
+    for token, rows in source.embeddings.items():
+        try:
+            ids = add_new_tokens(pipe.tokenizer, placeholder_tokens(token, len(rows)), what="keyword")
+        except ValueError as error:
+            raise ValueError(f"The embedding's token {token!r} ({source.path}) is already a word of {base!r}, so "
+                             "using it would change that word in every prompt. Rename it (AUTOMATIC1111 and kohya "
+                             "files are named by their file name, e.g. '<my-concept>.safetensors').") from error
+        rows_by_token[token] = (ids[0], rows)
+    if rows_by_token:
+        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
+        table = pipe.text_encoder.get_input_embeddings()
+        with torch.no_grad():
+            for first_id, rows in rows_by_token.values():
+                table.weight[first_id:first_id + len(rows)] = rows.to(table.weight.dtype)
+    if source.lora is not None:
+        _install_lora(pipe, source.lora, source.path, base)
+    if source.custom_diffusion is not None:
+        install_custom_diffusion(pipe.unet, source.custom_diffusion, source.path, base)
+
+    multi = {token: " ".join(placeholder_tokens(token, len(rows))) for token, rows in source.embeddings.items()
+             if len(rows) > 1}
+    concepts = [replace(c, phrase=" ".join(multi.get(w, w) for w in c.keyword.split()) if multi else None)
+                for c in concepts]
+    learned = []
+    for token, (first_id, rows) in rows_by_token.items():
+        target = concept_row(pipe.tokenizer, table.weight, _owner(concepts, token).concept_word, concept_reduce)
+        learned.append(LearnedRows(first_id, rows, target.expand_as(rows).clone()))
+    return Personalized(pipe, list(concepts), learned, source.path, base)
+
+
+def _tuner_layers(model: torch.nn.Module) -> int:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+def _install_lora(pipe: StableDiffusionPipeline, state: dict[str, Tensor], where: str, base: str) -> None:
+    before = _tuner_layers(pipe.unet) + _tuner_layers(pipe.text_encoder)
+    try:
+        pipe.load_lora_weights(dict(state))
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ValueError(f"The LoRA in {where} does not fit the base model {base!r} ({error}). Pass --pretrained "
+                         "with the model it was trained on.") from error
+    if _tuner_layers(pipe.unet) + _tuner_layers(pipe.text_encoder) == before:
+        raise ValueError(f"The LoRA in {where} matched no layer of {base!r}, so it would change nothing. Pass "
+                         "--pretrained with the model it was trained on.")
+
+
+def install_custom_diffusion(unet, state: dict[str, Tensor], where: str, base: str) -> None:
+    """Install Custom Diffusion's cross-attention processors from `unet.save_attn_procs` keys.
+
+    diffusers' own `unet.load_attn_procs` silently installs nothing since 0.29 when called without its private
+    `_pipeline` argument (huggingface/diffusers#9320), so the processors are built and loaded here.
+    """
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    grouped: dict[str, dict[str, Tensor]] = defaultdict(dict)
+    for key, value in state.items():
+        name, sep, sub = key.partition(".processor.")
+        if not sep:
+            raise ValueError(f"{where}: key {key!r} is not a Custom Diffusion processor weight. {ACCEPTED}")
+        grouped[name + ".processor"][sub] = value
+    processors = dict(unet.attn_processors)
+    cross = unet.config.cross_attention_dim
+    for name, weights in grouped.items():
+        to_k = weights.get("to_k_custom_diffusion.weight")
+        if name not in processors or to_k is None:
+            raise ValueError(f"{where}: {name!r} is not a cross-attention layer of {base!r}; the weights were trained "
+                             "for another base model. Pass --pretrained with the model it was trained on.")
+        if to_k.shape[1] != cross:
+            raise ValueError(f"{where}: the Custom Diffusion weights read {to_k.shape[1]}-wide text embeddings, but "
+                             f"{base!r} has {cross}-wide ones (768 = SD 1.x, 1024 = SD 2.x). Pass --pretrained with "
+                             "the model it was trained on.")
+        processor = CustomDiffusionAttnProcessor2_0(
+            train_kv=True, train_q_out="to_q_custom_diffusion.weight" in weights, hidden_size=to_k.shape[0],
+            cross_attention_dim=to_k.shape[1], out_bias="to_out_custom_diffusion.0.bias" in weights)
+        try:
+            processor.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ValueError(f"{where}: the weights of {name!r} do not fit {base!r} ({error}).") from error
+        processors[name] = processor.to(device=unet.device, dtype=unet.dtype)
+    unet.set_attn_processor(processors)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+def from_module(module, scheduler=None, concepts: Sequence[Concept] | None = None, concept_reduce: str = "error",
+                checkpoint: str = "(in memory)") -> Personalized:
+    """A stock pipeline over a method's own parts (no copy): for sample images while training and for `.ckpt` files.
+
+    The learned rows are read now (`module.learned_vectors()`), so call it again after the module has trained on.
+    """
+    scheduler = scheduler or DPMSolverMultistepScheduler.from_config(module.noise_scheduler.config)
+    pipe = StableDiffusionPipeline(
+        vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer, unet=module.unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    concepts = list(concepts or [Concept(module.keyword, module.concept_word)])
+    if not concepts[0].concept_word:
+        raise ValueError(f"{type(module).__name__} has no concept word, so TEA has nothing to pull towards.")
+    rows = []
+    try:
+        vectors, targets = module.learned_vectors()  # [k, D] each
+    except NotImplementedError:
+        vectors = targets = None
+    if vectors is not None:
+        if len(concepts) == 1 and concepts[0].concept_word != module.concept_word:
+            table = module.text_encoder.get_input_embeddings().weight
+            targets = concept_row(module.tokenizer, table, concepts[0].concept_word, concept_reduce).expand_as(vectors)
+        start = 0
+        for tokens in (m for m in module.modules() if isinstance(m, LearnedTokens)):
+            k = len(tokens.vectors)
+            rows.append(LearnedRows(tokens.first_id, vectors[start:start + k].detach().float(),
+                                    targets[start:start + k].detach().float()))
+            start += k
+        if start != len(vectors):
+            raise ValueError(f"{type(module).__name__}.learned_vectors() returned {len(vectors)} rows but its "
+                             f"LearnedTokens hold {start}; token-level TEA cannot tell where they go.")
+    return Personalized(pipe, concepts, rows, checkpoint, module.pretrained)

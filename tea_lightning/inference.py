@@ -1,0 +1,580 @@
+"""Generation with test-time embedding adjustment (TEA) from any checkpoint, through the stock pipeline.
+
+TEA changes only the text embeddings; the images come from the stock `StableDiffusionPipeline.__call__` with
+`prompt_embeds` and `negative_prompt_embeds` (method.md §2):
+
+- **token level** (a learned token row exists: Textual Inversion, Custom Diffusion's modifier token): while the
+  prompt is encoded, a temporary forward hook on the text encoder's input embedding splices `adjust(row, concept
+  row)` in wherever a learned token's id appears, and is removed afterwards. Nothing the model holds is modified,
+  and the same code serves a loaded file and a module in the middle of training.
+- **prompt level** (DreamBooth; any method with `mode="prompt"`): the prompt with the keyword and the target prompt
+  with the concept word in its place are both encoded, and each position of the first is adjusted towards its
+  partner in the second (`align="span"`: every token with its true counterpart; `align="position"`: position i
+  with position i, as the authors did). The negative prompt is never adjusted.
+
+Each image's initial noise comes from its own generator seeded from (seed, prompt index, image index), so baseline
+and TEA images of the same index start from the same noise whatever the batch; and both are made in identically
+composed batches, so with rho = alpha = 0 they are equal bit for bit.
+
+Output layout: `out/<tag>/p{prompt:03d}-i{image:03d}.png` with a sidecar `.json` of the same stem (tag is
+`baseline` or `tea-rho{rho:g}-alpha{alpha:g}`), `out/grid-p{prompt:03d}.png` (one column per setting, one row per
+image, the first eight images), and `out/run.json` (the settings, checked when a run is resumed).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tea_lightning import checkpoints
+from tea_lightning.checkpoints import Concept, Personalized
+from tea_lightning.data import sample_seed
+from tea_lightning.export import write_json, write_png
+from tea_lightning.prompt_sets import SLOT, check_template
+from tea_lightning.tea import adjust
+from tea_lightning.textual_inversion import LearnedTokens
+
+SCHEDULERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
+              "euler_a": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler, "ddpm": DDPMScheduler}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RUN_JSON = "run.json"
+GRID_ROWS = 8  # images per prompt shown in a grid; the files hold them all
+THUMBNAIL = 256  # grid cells are at most this many pixels wide
+
+
+@dataclass
+class ImageRecord:
+    """One generated image and how it was made (its sidecar JSON holds every field but `path`).
+
+    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt") are None for baseline images.
+    `prompt` is the prompt as given to the model (keyword filled in), `template` the same with `{}` in place of
+    each keyword. With several concepts, `keyword` and `concept_word` list them joined by ", ".
+    """
+
+    path: str
+    tag: str
+    prompt: str
+    template: str
+    prompt_index: int
+    image_index: int
+    seed: int
+    mode: str
+    rho: float | None
+    alpha: float | None
+    level: str | None
+    checkpoint: str
+    base_model: str
+    keyword: str
+    concept_word: str
+    scheduler: str
+    steps: int
+    guidance: float
+    resolution: int
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Baseline (rho = alpha = None) or TEA with the factors rho and alpha."""
+
+    rho: float | None = None
+    alpha: float | None = None
+
+    @property
+    def tag(self) -> str:
+        return "baseline" if self.rho is None else f"tea-rho{self.rho:g}-alpha{self.alpha:g}"
+
+    @property
+    def label(self) -> str:
+        return "baseline" if self.rho is None else f"rho {self.rho:g}\nalpha {self.alpha:g}"
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt split into text pieces and keyword occurrences, in order."""
+
+    parts: tuple[str | Concept, ...]
+    template: str
+
+    @property
+    def text(self) -> str:
+        """The prompt as the user reads it (keywords filled in)."""
+        return "".join(p if isinstance(p, str) else p.keyword for p in self.parts)
+
+    @property
+    def model_text(self) -> str:
+        """What the tokenizer reads (multi-vector tokens expanded)."""
+        return "".join(p if isinstance(p, str) else p.text for p in self.parts)
+
+    @property
+    def target_text(self) -> str:
+        """The prompt with each keyword replaced by its concept word (the prompt-level target)."""
+        return "".join(p if isinstance(p, str) else p.concept_word for p in self.parts)
+
+
+def parse_prompt(raw: str, concepts: Sequence[Concept]) -> Prompt:
+    """A template with one `{}` (filled with the only concept's keyword) or a prompt holding keywords literally.
+
+    Keywords are matched as whole words ("sks dog" does not match inside "sks doggy"); the concept word is never
+    searched for, so "many" and "human" stay intact.
+    """
+    if SLOT in raw:
+        problem = check_template(raw)
+        if problem:
+            raise ValueError(f"prompt {raw!r} has {problem}; write one '{SLOT}' where the keyword goes.")
+        if len(concepts) != 1:
+            raise ValueError(f"prompt {raw!r} has a '{SLOT}' slot but there are {len(concepts)} keywords "
+                             f"{[c.keyword for c in concepts]}; write the keywords into the prompt instead.")
+        before, after = raw.split(SLOT)
+        return Prompt((before, concepts[0], after), raw)
+    by_keyword = {c.keyword: c for c in concepts}
+    alternatives = "|".join(re.escape(k) for k in sorted(by_keyword, key=len, reverse=True))
+    parts: list[str | Concept] = []
+    template, last = [], 0
+    for match in re.finditer(rf"(?<!\w)(?:{alternatives})(?!\w)", raw):
+        parts += [raw[last:match.start()], by_keyword[match.group(0)]]
+        template += [raw[last:match.start()], SLOT]
+        last = match.end()
+    if not parts:
+        keywords = " or ".join(repr(k) for k in by_keyword)
+        raise ValueError(f"prompt {raw!r} holds no keyword: write {keywords} where the concept goes (or use a "
+                         f"template with '{SLOT}').")
+    return Prompt((*parts, raw[last:]), "".join(template) + raw[last:])
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """A CSV with a `prompt` column (method.md §6; other columns are ignored) or a text file, one prompt per line
+    (blank lines and lines starting with `#` skipped). Prompts hold `{}` for the keyword or the keyword itself."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts_file={str(path)!r} does not exist (or is not a file).")
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.DictReader(handle)
+            header = [name.strip() for name in reader.fieldnames or []]
+            if "prompt" not in header:
+                raise ValueError(f"prompts_file={str(path)!r} has no 'prompt' column (header: {header}); the CSV "
+                                 "needs a header row with a 'prompt' column holding '{}' for the keyword.")
+            reader.fieldnames = header
+            prompts = [row["prompt"].strip() for row in reader if (row.get("prompt") or "").strip()]
+    else:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts_file={str(path)!r} holds no prompt.")
+    return prompts
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def _spans(tokenizer, prompt: Prompt) -> list[tuple[int, int]]:
+    """(tokens in the prompt, tokens in the target) for each part; checks both fit the text encoder and that each
+    keyword stands apart from its neighbours, so the parts tokenize as the whole prompt does."""
+    spans = []
+    for part in prompt.parts:
+        if isinstance(part, str):
+            n = len(_ids(tokenizer, part))
+            spans.append((n, n))
+        else:
+            spans.append((len(_ids(tokenizer, part.text)), len(_ids(tokenizer, part.concept_word))))
+    limit = tokenizer.model_max_length - 2
+    for which, text, total in (("prompt", prompt.model_text, sum(k for k, _ in spans)),
+                               ("target prompt", prompt.target_text, sum(c for _, c in spans))):
+        if total > limit:
+            raise ValueError(f"The {which} {text!r} is {total} tokens; the text encoder reads {limit}. Shorten it.")
+        if len(_ids(tokenizer, text)) != total:
+            raise ValueError(f"In the prompt {prompt.text!r} a keyword is glued to the text beside it, so it does not "
+                             "tokenize on its own; put a space or punctuation around it.")
+    return spans
+
+
+def pairing(tokenizer, prompt: Prompt, align: str = "span", concept_reduce: str = "error") -> Tensor:
+    """`[L, L]` weights: row i says which target positions prompt position i is adjusted towards (prompt level).
+
+    `position` pairs i with i (the authors' code: every token after a keyword that is longer than its concept
+    word, EOS and padding included, meets the target's next token). `span` pairs the text before a keyword with
+    itself, the keyword's tokens with the concept word's right-aligned ("sks dog" → "dog", "dog"; "<v> <v>_1" →
+    "man", "man"), and every later token, EOS and padding with its true counterpart. A keyword shorter than its
+    concept word ("<v>" for "teddy bear") is an error unless `concept_reduce="mean"` (the mean of the word's span).
+    """
+    length = tokenizer.model_max_length
+    spans = _spans(tokenizer, prompt)
+    if align == "position":
+        return torch.eye(length)
+    weights = torch.zeros(length, length)
+    weights[0, 0] = 1.0  # start of text
+    p = t = 1
+    for part, (k, c) in zip(prompt.parts, spans, strict=True):
+        if isinstance(part, str) or k >= c:
+            for j in range(k):
+                weights[p + j, t + max(0, j - (k - c))] = 1.0
+        elif concept_reduce == "mean":
+            weights[p:p + k, t:t + c] = 1.0 / c
+        else:
+            raise ValueError(f"The keyword {part.keyword!r} is {k} token(s) but its concept word "
+                             f"{part.concept_word!r} is {c}; pass --concept_reduce mean to pair it with the mean of "
+                             "the word's tokens, or choose a one-token concept word.")
+        p, t = p + k, t + c
+    for j in range(length - p):  # end of text and padding
+        weights[p + j, min(t + j, length - 1)] = 1.0
+    return weights
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+
+
+@torch.no_grad()
+def encode(pipe, texts: Sequence[str]) -> Tensor:
+    """The text encoder's last hidden state `[B, 77, D]`, exactly as the stock pipeline encodes a prompt."""
+    tokenizer = pipe.tokenizer
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+
+
+def _splice(patch: LearnedTokens, module, args, output):
+    return patch.splice(args[0], output)
+
+
+@contextmanager
+def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[None]:
+    """While inside, the text encoder sees each learned row adjusted towards its concept row (token level)."""
+    table = model.pipe.text_encoder.get_input_embeddings()
+    handles = []
+    try:
+        for rows in model.rows:
+            patch = LearnedTokens(adjust(rows.vectors, rows.targets, rho, alpha), rows.first_id)
+            patch.requires_grad_(False).to(table.weight.device)
+            handles.append(table.register_forward_hook(functools.partial(_splice, patch)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """While inside, `model`'s peft adapters (LoRA) are off: the base encoder. Trainability is restored after."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+@torch.no_grad()
+def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: Setting, *, level: str = "token",
+                      align: str = "span", target_encoder: str = "adapted",
+                      concept_reduce: str = "error") -> Tensor:
+    """Text embeddings `[B, 77, D]` of `prompts` under `setting` (baseline or TEA at `level`)."""
+    pipe = model.pipe
+    texts = [p.model_text for p in prompts]
+    if setting.rho is None:
+        return encode(pipe, texts)
+    if level == "token":
+        with adjusted_rows(model, setting.rho, setting.alpha):
+            return encode(pipe, texts)
+    embeds = encode(pipe, texts)  # [B, 77, D]
+    with adapters_disabled(pipe.text_encoder) if target_encoder == "base" else nullcontext():
+        target = encode(pipe, [p.target_text for p in prompts]).float()  # [B, 77, D]
+    weights = torch.stack([pairing(pipe.tokenizer, p, align, concept_reduce) for p in prompts]).to(target.device)
+    paired = weights @ target  # [B, 77, D]: each position's partner in the target prompt
+    adjusted = adjust(embeds, paired, setting.rho, setting.alpha)
+    # A position already equal to its partner (the text before the keyword) is kept bit for bit.
+    return torch.where((embeds.float() == paired).all(dim=-1, keepdim=True), embeds, adjusted)
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def make_scheduler(name: str, config):
+    """A scheduler by short name, with the model's own noise schedule."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r} is unknown; choose one of {sorted(SCHEDULERS)}.")
+    return SCHEDULERS[name].from_config(config)
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    """The seed of one image: a pure function of (seed, prompt index, image index)."""
+    return sample_seed(seed, prompt_index, image_index)
+
+
+@torch.no_grad()
+def render(pipe, embeds: Tensor, negative: Tensor, seeds: Sequence[int], *, steps: int, guidance: float,
+           resolution: int) -> list[Image.Image]:
+    """Run the stock pipeline on `embeds [N, 77, D]`; image n starts from the noise of its own seed."""
+    unet = pipe.unet
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    size = resolution // pipe.vae_scale_factor
+    # Drawn in fp32 on the CPU: the same initial noise on every device and in every precision.
+    latents = torch.stack([torch.randn(unet.config.in_channels, size, size, generator=g) for g in generators])
+    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(seeds), -1, -1),
+                latents=latents.to(unet.device, unet.dtype), generator=generators, num_inference_steps=steps,
+                guidance_scale=guidance, height=resolution, width=resolution, output_type="pil").images
+
+
+def render_jobs(model: Personalized, prompts: Sequence[Prompt], jobs: Sequence[tuple[int, int]], setting: Setting,
+                negative: Tensor, *, seed: int, steps: int, guidance: float, resolution: int, level: str,
+                align: str = "span", target_encoder: str = "adapted",
+                concept_reduce: str = "error") -> list[Image.Image]:
+    """The images of `jobs` [(prompt index, image index)] under `setting`, in one pipeline call."""
+    used = sorted({p for p, _ in jobs})
+    embeds = prompt_embeddings(model, [prompts[p] for p in used], setting, level=level, align=align,
+                               target_encoder=target_encoder, concept_reduce=concept_reduce)
+    rows = embeds[[used.index(p) for p, _ in jobs]]  # [N, 77, D]
+    return render(model.pipe, rows, negative, [image_seed(seed, p, i) for p, i in jobs], steps=steps,
+                  guidance=guidance, resolution=resolution)
+
+
+def table(columns: Sequence[Sequence[Image.Image]], headers: Sequence[str], cell: int = THUMBNAIL) -> Image.Image:
+    """Images laid out as a table: one column per setting under its header, one row per image."""
+    font = ImageFont.load_default()
+    rows = max(len(c) for c in columns)
+    size = min(cell, max(image.width for column in columns for image in column))
+    top = 30  # two lines of header
+    grid = Image.new("RGB", (len(columns) * size, top + rows * size), "white")
+    draw = ImageDraw.Draw(grid)
+    for x, (column, header) in enumerate(zip(columns, headers, strict=True)):
+        draw.text((x * size + 4, 3), header, fill="black", font=font)
+        for y, image in enumerate(column):
+            grid.paste(image.convert("RGB").resize((size, size)), (x * size, top + y * size))
+    return grid
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+def check_factors(name: str, values: Sequence[float]) -> list[float]:
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} is empty; give at least one value in [0, 1].")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}={value!r} is outside [0, 1]; TEA's factors are fractions (0 keeps the learned "
+                             "embedding, 1 takes the concept word's).")
+    return list(dict.fromkeys(float(v) for v in values))
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+def _check_out(out: Path, settings: dict) -> None:
+    """Never overwrite silently: a folder is resumed only when it was made with the same settings."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    record = out / RUN_JSON
+    if not record.is_file():
+        raise ValueError(f"out={str(out)!r} already holds files that tea-lightning did not write; choose a new or "
+                         "empty folder (nothing is overwritten).")
+    old = json.loads(record.read_text())
+    differ = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in settings if old.get(k) != settings.get(k)]
+    if differ:
+        raise ValueError(f"out={str(out)!r} holds images made with other settings ({'; '.join(differ)}). Choose a "
+                         "new --out folder or delete this one; nothing was overwritten.")
+
+
+def _resolve_device(device: str | None, dtype: str) -> tuple[torch.device, str]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        dtype = "fp16" if device.type == "cuda" else "fp32"
+    _check_choice("dtype", dtype, [*DTYPES, "auto"])
+    return device, dtype
+
+
+def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[str], out: str | Path, *,
+             rhos: Sequence[float] = (0.2,), alphas: Sequence[float] = (0.5,), compare: bool = True,
+             num_images: int = 4, seed: int = 0, batch_size: int = 4, pretrained: str | None = None,
+             scheduler: str = "dpm", steps: int = 50, guidance: float = 7.0, resolution: int | None = None,
+             mode: str = "auto", align: str = "span", target_encoder: str = "adapted",
+             concepts: Mapping[str, str] | Sequence[str] | None = None, negative_prompt: str | None = None,
+             device: str | None = None, concept_word: str | None = None, concept_reduce: str = "error",
+             dtype: str = "auto", progress: bool = True) -> list[ImageRecord]:
+    """Generate images with TEA (and the baseline) from any checkpoint; see the module docstring for the layout.
+
+    Args:
+        checkpoint: An export folder, a `.ckpt`, or a diffusers / AUTOMATIC1111 / kohya / LoRA / Custom Diffusion
+            file (`tea_lightning.checkpoints.ACCEPTED`); several for several concepts.
+        prompts: Templates with one `{}` for the keyword, or prompts that hold the keyword(s) literally.
+        out: Output folder; an existing one is resumed only if it was made with the same settings.
+        rhos: Rotation factors in [0, 1]; every (rho, alpha) pair is generated (a sweep).
+        alphas: Norm factors in [0, 1].
+        compare: Also generate the baseline (no TEA) from the same seeds.
+        num_images: Images per prompt.
+        seed: Base seed; image i of prompt p uses the seed derived from (seed, p, i).
+        batch_size: Images per pipeline call.
+        pretrained: Base model; default: the one the checkpoint records, else SD 1.5.
+        scheduler: dpm (DPM-Solver multistep, the paper's), ddim, euler, euler_a, pndm or ddpm.
+        steps: Denoising steps.
+        guidance: Classifier-free guidance scale.
+        resolution: Image size in pixels (multiple of 8); default: the model's.
+        mode: auto (token level when a token row was learned, else prompt level), token or prompt.
+        align: Prompt level: span (true counterparts) or position (the authors' position-by-position pairing).
+        target_encoder: Prompt level: adapted (the fine-tuned text encoder, as the authors) or base (adapters off).
+        concepts: {keyword: concept word} (or "keyword=word" strings): names or overrides each concept.
+        negative_prompt: Negative prompt (never adjusted); default: empty.
+        device: cuda, cpu, ...; default: cuda when present.
+        concept_word: The concept word of the checkpoint's only keyword, when the checkpoint does not record it.
+        concept_reduce: error (a several-token concept word is an error) or mean (use the mean of its rows).
+        dtype: auto (fp16 on CUDA, fp32 elsewhere), fp32, fp16 or bf16.
+        progress: Show a progress bar.
+
+    Returns:
+        One record per image of this call (finished ones from an earlier run included), settings-major.
+    """
+    # Everything a user can get wrong is checked before the model loads.
+    rhos, alphas = check_factors("rho", rhos), check_factors("alpha", alphas)
+    for name, value in (("num_images", num_images), ("batch_size", batch_size), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}; use a whole number of at least 1.")
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise ValueError(f"resolution={resolution} is not a positive multiple of 8 (the VAE's factor); try 512.")
+    _check_choice("scheduler", scheduler, list(SCHEDULERS))
+    _check_choice("mode", mode, ["auto", "token", "prompt"])
+    _check_choice("align", align, ["span", "position"])
+    _check_choice("target_encoder", target_encoder, ["adapted", "base"])
+    _check_choice("concept_reduce", concept_reduce, ["error", "mean"])
+    torch_device, dtype = _resolve_device(device, dtype)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; pass the path of a folder to write the images into.")
+    if isinstance(prompts, str) or not prompts:
+        raise ValueError("prompts must be a non-empty list of prompts (templates with '{}' or holding the keyword).")
+
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    if not paths:
+        raise ValueError("checkpoint is empty; give the path of an export folder or an embedding/LoRA file.")
+    source = checkpoints.merge([checkpoints.read(p, pretrained) for p in paths])
+    found = checkpoints.resolve_concepts(source.concepts, concept_word, concepts)
+    parsed = [parse_prompt(p, found) for p in prompts]
+    base = pretrained or source.base_model or checkpoints.DEFAULT_MODEL
+    settings = {"checkpoint": source.path, "base_model": base, "prompts": [p.text for p in parsed],
+                "negative_prompt": negative_prompt or "", "seed": seed, "scheduler": scheduler, "steps": steps,
+                "guidance": float(guidance), "resolution": resolution, "mode": mode, "align": align,
+                "target_encoder": target_encoder, "concepts": [[c.keyword, c.concept_word] for c in found],
+                "concept_reduce": concept_reduce, "dtype": dtype}
+    _check_out(out, settings)
+
+    model = checkpoints.build(source, found, pretrained, concept_reduce)
+    pipe = model.pipe
+    parsed = [parse_prompt(p, model.concepts) for p in prompts]  # with multi-vector phrases
+    for prompt in parsed:
+        _spans(pipe.tokenizer, prompt)
+    level = ("token" if model.rows else "prompt") if mode == "auto" else mode
+    if level == "token" and not model.rows:
+        raise ValueError(f"mode='token' needs a learned token row, and {source.path} (a {source.kind}) has none; "
+                         "use mode 'prompt' (or 'auto').")
+    if level == "prompt":
+        for prompt in parsed:
+            pairing(pipe.tokenizer, prompt, align, concept_reduce)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.to(torch_device)
+    if dtype != "fp32":
+        pipe.to(dtype=DTYPES[dtype])
+    pipe.set_progress_bar_config(disable=True)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(settings, out / RUN_JSON)
+    runs = ([Setting()] if compare else []) + [Setting(r, a) for r in rhos for a in alphas]
+    jobs = [(p, i) for p in range(len(parsed)) for i in range(num_images)]
+
+    def record(setting: Setting, p: int, i: int) -> ImageRecord:
+        return ImageRecord(
+            path=str(out / setting.tag / f"p{p:03d}-i{i:03d}.png"), tag=setting.tag, prompt=parsed[p].text,
+            template=parsed[p].template, prompt_index=p, image_index=i, seed=image_seed(seed, p, i),
+            mode="baseline" if setting.rho is None else "tea", rho=setting.rho, alpha=setting.alpha,
+            level=None if setting.rho is None else level, checkpoint=source.path, base_model=base,
+            keyword=", ".join(c.keyword for c in found), concept_word=", ".join(c.concept_word for c in found),
+            scheduler=scheduler, steps=steps, guidance=float(guidance), resolution=resolution)
+
+    def finished(r: ImageRecord) -> bool:
+        return Path(r.path).is_file() and Path(r.path).with_suffix(".json").is_file()
+
+    # Every setting runs the same batches of (prompt, image) pairs, so baseline and TEA differ only by TEA.
+    batches = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
+    todo = [(b, s) for b in batches for s in runs if not all(finished(record(s, p, i)) for p, i in b)]
+    with torch.no_grad():
+        negative = encode(pipe, [negative_prompt or ""])  # [1, 77, D]
+        with tqdm(total=sum(len(b) for b, _ in todo), unit="image", desc="generating", disable=not progress) as bar:
+            for batch, setting in todo:
+                images = render_jobs(model, parsed, batch, setting, negative, seed=seed, steps=steps,
+                                     guidance=guidance, resolution=resolution, level=level, align=align,
+                                     target_encoder=target_encoder, concept_reduce=concept_reduce)
+                for (p, i), image in zip(batch, images, strict=True):
+                    r = record(setting, p, i)
+                    if not finished(r):
+                        write_png(image, Path(r.path))
+                        fields = {k: v for k, v in asdict(r).items() if k != "path"}
+                        write_json(fields, Path(r.path).with_suffix(".json"))  # last: marks the image finished
+                bar.update(len(batch))
+
+    records = [record(s, p, i) for s in runs for p, i in jobs]
+    for p in range(len(parsed)):
+        shown = range(min(num_images, GRID_ROWS))
+        columns = [[_load(record(s, p, i).path) for i in shown] for s in runs]
+        write_png(table(columns, [s.label for s in runs]), out / f"grid-p{p:03d}.png")
+    return records
+
+
+def _load(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: float = 0.5, num_images: int = 1,
+                seed: int = 0, steps: int = 25, guidance: float = 7.0, resolution: int | None = None,
+                scheduler: str = "dpm") -> Image.Image:
+    """Baseline and TEA images of a method's current state, as a table: one row per (template, image), one column
+    per setting. Used by the `SampleImages` callback; runs on the module's own parts, in their precision."""
+    model = checkpoints.from_module(module, make_scheduler(scheduler, module.noise_scheduler.config))
+    pipe = model.pipe
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [parse_prompt(t, model.concepts) for t in templates]
+    level = "token" if model.rows else "prompt"
+    for prompt in prompts:
+        pairing(pipe.tokenizer, prompt) if level == "prompt" else _spans(pipe.tokenizer, prompt)
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    jobs = [(p, i) for p in range(len(prompts)) for i in range(num_images)]
+    settings = [Setting(), Setting(rho, alpha)]
+    with torch.no_grad():
+        negative = encode(pipe, [""])
+        columns = [render_jobs(model, prompts, jobs, s, negative, seed=seed, steps=steps, guidance=guidance,
+                               resolution=resolution, level=level) for s in settings]
+    return table(columns, [s.label for s in settings])
+
+
+__all__ = ["ImageRecord", "Prompt", "Setting", "generate", "parse_prompt", "prompt_embeddings", "read_prompts_file",
+           "render", "sample_grid"]
