@@ -42,7 +42,7 @@ def test_full_fine_tuning_trains_the_unet_and_text_encoder_and_exports_a_stock_p
     assert json.loads((final / "tea.json").read_text())["method"] == "full_finetune"
     parts = load_components(str(final))  # the path a hub id takes
     assert torch.equal(parts.unet.conv_in.weight, module.unet.conv_in.weight)
-    assert parts.noise_scheduler.config.prediction_type == "v_prediction"
+    assert parts.noise_scheduler.config.prediction_type == "sample"
 
 
 def test_full_fine_tuning_refuses_data_without_captions():
