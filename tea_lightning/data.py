@@ -46,6 +46,15 @@ def _fail_image(path: Path, error: Exception) -> ValueError:
     return ValueError(f"Cannot read image {str(path)!r} ({error}). Remove or replace the file, then run again.")
 
 
+def read_image(path: Path) -> Image.Image:
+    """An image file as RGB with its EXIF orientation applied; an unreadable file is an error naming it."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise _fail_image(path, error) from error
+
+
 def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
     """Every image in `folder` (EXIF orientation applied, RGB), shorter side resized to `resolution` and
     center-cropped, as uint8 `[N, 3, resolution, resolution]`. Errors name the folder or file and the fix."""
@@ -59,11 +68,7 @@ def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
                          "Add 3-20 photos of the concept.")
     images = []
     for path in paths:
-        try:
-            with Image.open(path) as image:
-                image = ImageOps.exif_transpose(image).convert("RGB")
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise _fail_image(path, error) from error
+        image = read_image(path)
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)

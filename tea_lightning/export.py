@@ -50,6 +50,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 def write_png(image: Any, path: Path) -> None:
     """Save a PIL image as PNG."""
     _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+def write_bytes(data: bytes, path: Path) -> None:
+    """Write `data` (an image, a CSV, a report) to `path` atomically."""
+    _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

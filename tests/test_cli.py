@@ -16,7 +16,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 def test_demo_config_trains_and_writes_logs_checkpoint_and_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     train.main(["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "4",
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+                "--trainer.default_root_dir", str(tmp_path)])
     run = tmp_path / "lightning_logs" / "version_0"
     assert list(run.glob("events.out.tfevents.*")), "no TensorBoard log"
     assert (run / "checkpoints" / "last.ckpt").is_file()
