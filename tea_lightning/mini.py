@@ -179,11 +179,31 @@ def sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, ste
     return torch.cat(images)
 
 
-def held_out_prompts() -> list[tuple[str, str, str, str]]:
+def held_out_prompts() -> list[tuple[str, str | None, str | None, str | None]]:
     """(prompt, colour, shape, background) for every held-out triple, in full caption form."""
     from tea_lightning.scenes import HELD_OUT
 
     return [(f"a {c} {s} on a {b} background", c, s, b) for c, s, b in sorted(HELD_OUT)]
+
+
+def evaluation_cases(seed: int = 0) -> dict[str, list[tuple[str, str | None, str | None, str | None]]]:
+    """Prompt sets the world's accuracy is reported on: held-out triples, seen triples, partial prompts (colour or
+    background left out) and reordered ones ("a BG background with a COLOUR SHAPE")."""
+    import numpy as np
+
+    from tea_lightning.scenes import COLOUR_NAMES, CONCEPT, HELD_OUT, SHAPES
+
+    rng = np.random.default_rng(seed)
+    seen = [(c, s, b) for s in SHAPES for c in COLOUR_NAMES for b in COLOUR_NAMES
+            if b != c and (c, s) != CONCEPT and (c, s, b) not in HELD_OUT]
+    picks = [seen[i] for i in rng.choice(len(seen), size=32, replace=False)]
+    return {
+        "held-out triples": held_out_prompts(),
+        "seen triples": [(f"a {c} {s} on a {b} background", c, s, b) for c, s, b in picks[:16]],
+        "colour left out": [(f"a {s} on a {b} background", None, s, b) for _, s, b in picks[16:24]],
+        "background left out": [(f"a {c} {s}", c, s, None) for c, s, _ in picks[24:]],
+        "reordered": [(f"a {b} background with a {c} {s}", c, s, b) for c, s, b in picks[:8]],
+    }
 
 
 def world_accuracy(pipe: StableDiffusionPipeline, cases: list[tuple[str, str | None, str | None, str | None]],
@@ -214,8 +234,10 @@ def world_accuracy(pipe: StableDiffusionPipeline, cases: list[tuple[str, str | N
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) == 3 and sys.argv[1] == "evaluate":
-        world = StableDiffusionPipeline.from_pretrained(sys.argv[2], safety_checker=None)
-        print("held-out:", world_accuracy(world, held_out_prompts()))
+    if len(sys.argv) >= 2 and sys.argv[1] == "evaluate":  # python -m tea_lightning.mini evaluate [FOLDER]
+        world = mini_pipeline(Path(sys.argv[2])) if len(sys.argv) > 2 else mini_pipeline()
+        for name, cases in evaluation_cases().items():
+            print(name, {k: round(v, 3) for k, v in world_accuracy(world, cases, images_per_prompt=2).items()},
+                  flush=True)
     else:
         print(ship(sys.argv[1]))

@@ -51,22 +51,26 @@ class Readout(nn.Module):
 
 @dataclass(frozen=True)
 class Reading:
-    """What the readout sees in one image."""
+    """What the readout sees in one image: the background, the (colour, shape) objects, and each attribute alone.
+
+    `shapes` and `colours` are read per attribute (a noisy-OR over the object detectors of that shape or colour), so
+    a blob of the right colour counts for its colour even when no shape is recognised in it.
+    """
 
     background: str
     objects: frozenset[tuple[str, str]]  # (colour, shape) pairs present
-
-    @property
-    def shapes(self) -> frozenset[str]:
-        return frozenset(shape for _, shape in self.objects)
-
-    @property
-    def colours(self) -> frozenset[str]:
-        return frozenset(colour for colour, _ in self.objects)
+    shapes: frozenset[str]
+    colours: frozenset[str]
 
     def has(self, colour: str | None = None, shape: str | None = None) -> bool:
-        """Whether an object of this colour and/or shape is present (None matches anything)."""
-        return any((colour is None or c == colour) and (shape is None or s == shape) for c, s in self.objects)
+        """Whether the image shows this colour and/or shape; both given: on one object."""
+        if colour is not None and shape is not None:
+            return (colour, shape) in self.objects
+        if colour is not None:
+            return colour in self.colours
+        if shape is not None:
+            return shape in self.shapes
+        return bool(self.objects or self.shapes or self.colours)
 
 
 def read(model: Readout, images: torch.Tensor, threshold: float = 0.5) -> list[Reading]:
@@ -75,11 +79,16 @@ def read(model: Readout, images: torch.Tensor, threshold: float = 0.5) -> list[R
         images = images.float() / 127.5 - 1.0
     with torch.no_grad():
         background, present = model(images.float())
+    p = present.sigmoid()  # [B, S, C]
+    shape_p = 1 - (1 - p).prod(dim=2)  # [B, S]: some object of this shape
+    colour_p = 1 - (1 - p).prod(dim=1)  # [B, C]: some object of this colour
     readings = []
-    for bg, objects in zip(background.argmax(dim=1).tolist(), (present.sigmoid() > threshold).tolist(), strict=True):
-        pairs = frozenset((COLOUR_NAMES[c], SHAPES[s]) for s, row in enumerate(objects) for c, on in enumerate(row)
-                          if on)
-        readings.append(Reading(COLOUR_NAMES[bg], pairs))
+    for b in range(len(images)):
+        pairs = frozenset((COLOUR_NAMES[c], SHAPES[s]) for s, c in (p[b] > threshold).nonzero().tolist())
+        readings.append(Reading(
+            COLOUR_NAMES[int(background[b].argmax())], pairs,
+            frozenset(SHAPES[s] for s in (shape_p[b] > threshold).nonzero().flatten().tolist()),
+            frozenset(COLOUR_NAMES[c] for c in (colour_p[b] > threshold).nonzero().flatten().tolist())))
     return readings
 
 

@@ -34,7 +34,8 @@ def test_ci_sized_experiment_writes_curves_sweep_plots_grid_and_summary(tmp_path
 def test_context_asks_for_the_named_background_and_second_object():
     assert requested("a <pink-star> next to a yellow square on a black background") == ("black", ("yellow", "square"))
     assert requested("a gray background with a <pink-star>") == ("gray", None)
-    seen = Reading("black", frozenset({("pink", "star"), ("yellow", "square")}))
+    seen = Reading("black", frozenset({("pink", "star"), ("yellow", "square")}), frozenset({"star", "square"}),
+                   frozenset({"pink", "yellow"}))
     assert context_hit(seen, "a <pink-star> next to a yellow square on a black background")
     assert not context_hit(seen, "a <pink-star> next to a green circle")
     assert not context_hit(seen, "a <pink-star> on a red background")
