@@ -2,6 +2,7 @@
 
 The Lightning CLI: `fit`, `validate`, `--print_config`, and every argument of the module, data module and
 trainer from YAML or the command line (`--model.init_args.concept_word dog`, `--trainer.max_steps 500`).
+Methods: `tea_lightning.TextualInversion`, `tea_lightning.DreamBoothLoRA`, `tea_lightning.CustomDiffusion`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 import tea_lightning
@@ -17,17 +17,15 @@ from tea_lightning.data import ConceptDataModule
 from tea_lightning.module import DiffusionModule
 
 
-class CLI(LightningCLI):
-    """`data` is the concept images (`ConceptDataModule`) unless the config names another `class_path`
-    (`tea_lightning.scenes.SceneDataModule` for training the mini world)."""
-
+class TeaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults({"data": {"class_path": f"{ConceptDataModule.__module__}.{ConceptDataModule.__name__}"}})
+        # A multi-concept list is written once, under `data.concepts`; Custom Diffusion reads the same list.
+        parser.link_arguments("data.concepts", "model.init_args.concepts")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return CLI(DiffusionModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
-               run=run, save_config_kwargs={"overwrite": True})
+    return TeaCLI(DiffusionModule, ConceptDataModule, subclass_mode_model=True, args=args, run=run,
+                  save_config_kwargs={"overwrite": True})
 
 
 def input_error(error: BaseException) -> BaseException | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
@@ -12,8 +13,15 @@ from tea_lightning.export import write_export_folder
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The run's folder: the logger's version folder (`lightning_logs/version_N`) or the trainer's root."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
+    """The run's folder: the logger's version folder (`lightning_logs/version_N`) or the trainer's root.
+
+    Read from the logger directly, not from `trainer.log_dir`: that property is a broadcast, and a collective that
+    only rank 0 enters (code under `rank_zero_only`) hangs a DDP run. Rank 0's answer is the run's.
+    """
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        return Path(logger.log_dir if isinstance(logger, TensorBoardLogger | CSVLogger) else logger.save_dir)
+    return Path(trainer.default_root_dir)
 
 
 class Export(L.Callback):

@@ -14,9 +14,12 @@ class _NoTorchvisionNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
-from tea_lightning.data import ConceptDataModule
+from tea_lightning.custom_diffusion import CustomDiffusion
+from tea_lightning.data import ConceptDataModule, TrainingConcept
+from tea_lightning.dreambooth_lora import DreamBoothLoRA
 from tea_lightning.module import DiffusionModule
 from tea_lightning.textual_inversion import TextualInversion
 
-__all__ = ["ConceptDataModule", "DiffusionModule", "TextualInversion"]
+__all__ = ["ConceptDataModule", "CustomDiffusion", "DiffusionModule", "DreamBoothLoRA", "TextualInversion",
+           "TrainingConcept"]
 __version__ = "0.1.0"

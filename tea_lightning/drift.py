@@ -2,7 +2,8 @@
 
 Vector level: norm, norm ratio, angle and cosine to c, cosine to the initial value, and where |V*| sits among
 the vocabulary row norms. Set level (the paper's Figure 2): L2, Hausdorff, Mahalanobis and KL between sets of
-sentence encodings, each an ``[n, d]`` tensor, one row per sentence.
+sentence encodings, each an ``[n, d]`` tensor, one row per sentence; ``pool_hidden_states`` turns the text
+encoder's output into those rows and ``contextual_distances`` computes everything the drift callback and report log.
 
 All measures are computed in fp64 without gradients and return 0-d float64 tensors (set distances) or Python
 floats (vector drift).
@@ -71,10 +72,11 @@ def mahalanobis_distance(a: Tensor, b: Tensor, shrinkage: float = 0.0) -> Tensor
     """Mean over a in ``a`` of sqrt((a - mu_B)^T Sigma_B^+ (a - mu_B)).
 
     mu_B and Sigma_B are the mean and unbiased covariance (n - 1, like ``numpy.cov``) of ``b``; Sigma_B^+ is the
-    pseudo-inverse (``torch.linalg.pinv``, default cut-off d·eps relative to the largest eigenvalue). With fewer
-    sentences than dimensions Sigma_B is singular and the pseudo-inverse ignores every direction B does not
-    span; ``shrinkage`` = lambda > 0 instead uses (1 - lambda)·Sigma_B + lambda·(trace(Sigma_B)/d)·I, which is
-    full rank.
+    pseudo-inverse (cut-off d·eps relative to the largest eigenvalue, ``torch.linalg.pinv``'s default), taken from
+    the SVD of B's centred rows so that wide sets (flattened encodings) fit in memory. With fewer sentences than
+    dimensions Sigma_B is singular and the pseudo-inverse ignores every direction B does not span;
+    ``shrinkage`` = lambda > 0 instead uses (1 - lambda)·Sigma_B + lambda·(trace(Sigma_B)/d)·I, which is full
+    rank (and forms the d x d matrix: meant for pooled widths such as 768, not flattened ones).
 
     Args:
         a: Set A, ``[n, d]``.
@@ -87,14 +89,23 @@ def mahalanobis_distance(a: Tensor, b: Tensor, shrinkage: float = 0.0) -> Tensor
     if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
         raise ValueError(f"shrinkage must be a float in [0, 1] (0 = plain pseudo-inverse), got {shrinkage!r}")
     a, b = _check_pair(a, b, min_rows_b=2)
+    m, d = b.shape
     mu = b.mean(dim=0)  # [d]
     centred = b - mu  # [m, d]
-    cov = centred.T @ centred / (b.shape[0] - 1)  # [d, d]
-    if shrinkage > 0:
-        d = cov.shape[0]
-        cov = (1 - shrinkage) * cov + shrinkage * (cov.trace() / d) * torch.eye(d, dtype=cov.dtype, device=cov.device)
-    precision = torch.linalg.pinv(cov, hermitian=True)  # [d, d]
     diff = a - mu  # [n, d]
+    if shrinkage == 0:
+        # The same pseudo-inverse from the SVD of the centred rows, centred = U S V^T: Sigma_B = V S^2 V^T / (m - 1),
+        # so Sigma_B^+ = V S^-2 V^T (m - 1) over the eigenvalues pinv keeps (above d·eps times the largest). It
+        # never forms the d x d covariance: 200 flattened 77 x 768 encodings need 90 MB here, not 28 GB.
+        _, s, vh = torch.linalg.svd(centred, full_matrices=False)  # s [r], vh [r, d]
+        eigenvalues = s.square() / (m - 1)
+        keep = eigenvalues > d * torch.finfo(eigenvalues.dtype).eps * eigenvalues.max()
+        whitened = (diff @ vh[keep].T) / eigenvalues[keep].sqrt()  # [n, r']
+        # Non-negative by construction, unlike the quadratic form of the dense path.
+        return whitened.square().sum(dim=1).sqrt().mean()
+    cov = centred.T @ centred / (m - 1)  # [d, d]
+    cov = (1 - shrinkage) * cov + shrinkage * (cov.trace() / d) * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    precision = torch.linalg.pinv(cov, hermitian=True)  # [d, d]
     # Rounding can push the form of a near-mean point slightly below 0; sqrt would return NaN.
     quadratic = torch.einsum("nd,de,ne->n", diff, precision, diff).clamp_min(0)
     return quadratic.sqrt().mean()
@@ -207,6 +218,84 @@ def vector_drift(v: Tensor, concept: Tensor, initial: Tensor, vocab_norms: Tenso
         "cosine_initial": cosine(v, initial).mean().item(),
         "norm_percentile": sum(norm_percentile(n, vocab_norms) for n in norms) / len(norms),
     }
+
+
+# --------------------------------------------------------------------------------------- sentence sets (Figure 2)
+
+HIDDEN_STATES = ("last", "eos", "mean", "flatten")
+
+
+def pool_hidden_states(hidden: Tensor, input_ids: Tensor, eos_token_id: int, hidden_state: str = "last") -> Tensor:
+    """One vector per sentence from the text encoder's last hidden state.
+
+    Args:
+        hidden: ``[B, L, D]`` last hidden state.
+        input_ids: ``[B, L]`` the token ids that produced it (padded to L).
+        eos_token_id: id of ``<|endoftext|>``; its first occurrence ends a sentence's real tokens.
+        hidden_state: ``last``: position L - 1, a padding position that under the causal mask has seen the whole
+            prompt (the authors' choice); ``eos``: the first end-of-text position (CLIP's pooled output); ``mean``:
+            the mean over the real tokens, start and end tokens included; ``flatten``: all L positions, ``[B, L·D]``.
+
+    Returns:
+        ``[B, D]`` (``[B, L·D]`` for ``flatten``), in the dtype of ``hidden``.
+    """
+    if hidden_state not in HIDDEN_STATES:
+        raise ValueError(f"hidden_state={hidden_state!r} does not exist; choose one of {', '.join(HIDDEN_STATES)}")
+    if hidden.ndim != 3 or input_ids.shape != hidden.shape[:2]:
+        raise ValueError(f"hidden must be [B, L, D] and input_ids [B, L], got {tuple(hidden.shape)} and "
+                         f"{tuple(input_ids.shape)}")
+    if hidden_state == "last":
+        return hidden[:, -1]
+    if hidden_state == "flatten":
+        return hidden.flatten(1)
+    is_eos = input_ids == eos_token_id  # [B, L]
+    if not bool(is_eos.any(dim=1).all()):
+        raise ValueError(f"a sentence has no end-of-text token (id {eos_token_id}); tokenize with the model's "
+                         "tokenizer, padded and truncated to its max length")
+    end = is_eos.int().argmax(dim=1)  # [B] first end-of-text position
+    if hidden_state == "eos":
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), end]
+    real = torch.arange(hidden.shape[1], device=hidden.device) <= end.unsqueeze(1)  # [B, L]
+    return (hidden * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True)
+
+
+def contextual_distances(p_keyword: Tensor, p_concept: Tensor, s_keyword: Tensor,
+                         temperature: float = 1.0) -> dict[str, float]:
+    """The paper's Figure 2: how the contextual set P filled with V* relates to P filled with c and to S.
+
+    Args:
+        p_keyword: P(V*), ``[n, d]``: the contextual sentences with the keyword in the slot.
+        p_concept: P(c), ``[n, d]``: the same sentences, in the same order, with the concept word.
+        s_keyword: S(V*), ``[m, d]``: the simple prompts with the keyword.
+        temperature: tau of :func:`kl_divergence`.
+
+    Returns:
+        ``inter_*`` = d(P(V*), P(c)) for l2, hausdorff, mahalanobis, kl (grows as V* drifts); ``intra_*`` =
+        d(P(V*), P(V*)) for l2 (mean pairwise distance), hausdorff (:func:`intra_hausdorff`) and mahalanobis
+        (shrinks as V* makes the sentences alike; there is no intra KL: KL of a set to itself is 0 by definition);
+        ``simple_*`` = d(P(V*), S(V*)) for l2, hausdorff, mahalanobis, kl (shrinks as complex prompts collapse
+        onto simple ones). KL needs index-aligned rows; P and S hold different sentences, so ``simple_kl`` pairs
+        the first min(n, m) rows of each by position. It still falls to 0 as both sets collapse onto V* (every
+        similarity row turns uniform), which is the signal.
+    """
+    if p_keyword.shape != p_concept.shape:
+        raise ValueError(f"P(V*) and P(c) must be the same sentences with different fillers, got shapes "
+                         f"{tuple(p_keyword.shape)} and {tuple(p_concept.shape)}")
+    rows = min(p_keyword.shape[0], s_keyword.shape[0])
+    values = {
+        "inter_l2": l2_distance(p_keyword, p_concept),
+        "inter_hausdorff": hausdorff_distance(p_keyword, p_concept),
+        "inter_mahalanobis": mahalanobis_distance(p_keyword, p_concept),
+        "inter_kl": kl_divergence(p_keyword, p_concept, temperature),
+        "intra_l2": l2_distance(p_keyword, p_keyword),
+        "intra_hausdorff": intra_hausdorff(p_keyword),
+        "intra_mahalanobis": mahalanobis_distance(p_keyword, p_keyword),
+        "simple_l2": l2_distance(p_keyword, s_keyword),
+        "simple_hausdorff": hausdorff_distance(p_keyword, s_keyword),
+        "simple_mahalanobis": mahalanobis_distance(p_keyword, s_keyword),
+        "simple_kl": kl_divergence(p_keyword[:rows], s_keyword[:rows], temperature),
+    }
+    return {name: value.item() for name, value in values.items()}
 
 
 def _as_f64(x: Tensor) -> Tensor:

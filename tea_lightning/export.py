@@ -48,10 +48,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
 
 
 def write_png(image: Any, path: Path) -> None:
-    """Save a PIL image as PNG."""
+    """Save a PIL image as PNG, atomically."""
     _atomic(Path(path), lambda tmp: image.save(tmp, format="PNG"))
+
+
 def write_bytes(data: bytes, path: Path) -> None:
-    """Write `data` (an image, a CSV, a report) to `path` atomically."""
+    """Write `data` (an image, a CSV, a report, a plot) to `path` atomically."""
     _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
 
 

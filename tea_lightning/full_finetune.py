@@ -3,6 +3,10 @@
 This is how the built-in `mini` model was made: `configs/mini_world.yaml` trains the UNet and the text encoder of
 `mini-untrained` on `tea_lightning.scenes` through the same diffusion loss every personalisation method uses. The
 VAE stays frozen (mini's is a fixed identity map, so the UNet works on the pixels).
+
+    python -m tea_lightning.full_finetune fit --config configs/mini_world.yaml
+
+is the Lightning CLI of `train.py` with captioned data: any `LightningDataModule` named by `data.class_path`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class FullFineTune(DiffusionModule):
                              "'caption' per image, such as tea_lightning.scenes.SceneDataModule.")
         return list(batch["caption"])
 
+    def text_states(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.encode_prompts(self.batch_prompts(batch))  # every caption differs: nothing to cache
+
     def pipeline(self) -> StableDiffusionPipeline:
         """The current weights as a stock pipeline, sampled with DPM-Solver++ under the training noise schedule."""
         scheduler = DPMSolverMultistepScheduler.from_config(self.noise_scheduler.config)
@@ -58,3 +65,16 @@ class FullFineTune(DiffusionModule):
             self.pipeline().save_pretrained(folder, safe_serialization=True)
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword="", concept_word=None,
                               step=step)
+
+
+def main(args: list[str] | None = None, run: bool = True):
+    """The Lightning CLI for whole-model training on captioned data (`fit`, `--print_config`, overrides)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(FullFineTune, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                        args=args, run=run, save_config_kwargs={"overwrite": True})
+
+
+if __name__ == "__main__":
+    main()

@@ -14,12 +14,13 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from tea_lightning.components import DEFAULT_MODEL, load_components
-from tea_lightning.data import sample_seed
+from tea_lightning.data import SLOT, sample_seed
 from tea_lightning.prompt_sets import fill
-from tea_lightning.regularizers import Regularizer
+from tea_lightning.regularizers import Regularizer, check_regularizers
 
 # Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across
 # workers: Lightning's generic warnings about both are noise here.
@@ -29,6 +30,17 @@ warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`
 _HALF = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
 
+def _checkpoint_non_reentrant(module: torch.nn.Module, *args: Any) -> Any:
+    # The reentrant variant gives no gradient to adapters whose inputs need none, and breaks under DDP.
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean `[B]` of `error` `[B, C, h, w]` over the positions weighted by `mask` `[B, 1, h, w]`."""
+    weight = mask.expand_as(error)
+    return (error * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-8)
+
+
 class DiffusionModule(L.LightningModule):
     """Base of every method. Subclasses implement `keyword`, `export` and, when they differ, `encode_prompts`.
 
@@ -36,6 +48,8 @@ class DiffusionModule(L.LightningModule):
         pretrained: Hub id, local diffusers folder, or ``tiny`` (the built-in offline model).
         seed: Seed of the per-step noise and timesteps (with the step number, so resumed runs match).
         prior_loss_weight: Weight of the class-image term when the batch carries class images.
+        gradient_checkpointing: Recompute the UNet's activations in the backward pass (less memory, about 20%
+            slower); non-reentrant, so it works under DDP.
         regularizers: Penalties on the learned vectors added to the loss (see `tea_lightning.regularizers`).
         optimizer: Optimiser over the trainable tensors only (YAML: ``class_path`` + ``init_args``).
         lr_scheduler: Optional learning-rate schedule, stepped every optimiser step.
@@ -46,7 +60,7 @@ class DiffusionModule(L.LightningModule):
     trains_text_encoder = False  # True when the text encoder's own weights change (DreamBooth with text-encoder LoRA)
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, seed: int = 0, prior_loss_weight: float = 1.0,
-                 regularizers: list[Regularizer] | None = None,
+                 gradient_checkpointing: bool = False, regularizers: list[Regularizer] | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  lr_scheduler: LRSchedulerCallable | None = None) -> None:
         super().__init__()
@@ -57,15 +71,24 @@ class DiffusionModule(L.LightningModule):
         parts = load_components(pretrained)
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.text_encoder, self.vae, self.unet = parts.text_encoder, parts.vae, parts.unet
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing(_checkpoint_non_reentrant)
         self.regularizers = list(regularizers or [])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._last_loss: torch.Tensor | None = None
+        self.cache_class_prompts = True  # reuse class-prompt encodings while the text encoder is frozen
+        self._class_states: dict[str, torch.Tensor] = {}
 
     # ----- what each method defines -------------------------------------------------------------------------------
     @property
     def keyword(self) -> str:
         """The phrase that fills a template's `{}` slot ("<v>", "sks dog")."""
         raise NotImplementedError
+
+    @property
+    def keywords(self) -> list[str]:
+        """The keyword of each concept, in the order of the data's concepts (one for single-concept methods)."""
+        return [self.keyword]
 
     def export(self, folder: Path, step: int) -> None:
         """Write the method's diffusers-loadable files and `tea.json` into `folder` (which exists and is empty)."""
@@ -84,6 +107,27 @@ class DiffusionModule(L.LightningModule):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder(self.tokenize(prompts))[0]  # [B, 77, D]
 
+    def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
+        """Each sample's prompt: its template filled with its concept's keyword; a class prompt (no `{}`) as is."""
+        keywords = self.keywords
+        concepts = batch.get("concept") or [0] * len(batch["template"])
+        return [fill(t, keywords[c]) if SLOT in t else t for t, c in zip(batch["template"], concepts, strict=True)]
+
+    def text_states(self, batch: dict[str, Any]) -> torch.Tensor:
+        """`[B, 77, D]` text states of a batch. Class prompts are encoded once and reused while the text encoder's
+        weights are frozen (they hold no learned token)."""
+        prompts = self.batch_prompts(batch)
+        fixed = {i for i, t in enumerate(batch["template"]) if SLOT not in t}
+        if not fixed or self.trains_text_encoder or not self.cache_class_prompts:
+            return self.encode_prompts(prompts)
+        new = sorted({prompts[i] for i in fixed} - self._class_states.keys())
+        if new:
+            with torch.no_grad():
+                self._class_states.update(zip(new, self.encode_prompts(new), strict=True))
+        varying = [p for i, p in enumerate(prompts) if i not in fixed]
+        encoded = iter(self.encode_prompts(varying)) if varying else iter(())
+        return torch.stack([self._class_states[p] if i in fixed else next(encoded) for i, p in enumerate(prompts)])
+
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         vae = self.vae
         posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
@@ -98,8 +142,9 @@ class DiffusionModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def diffusion_loss(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                       generator: torch.Generator) -> torch.Tensor:
-        """Per-sample MSE `[B]` between the UNet's prediction and the scheduler's target."""
+                       generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sample MSE `[B]` between the UNet's prediction and the scheduler's target, averaged over the pixels
+        where `mask` `[B, 1, H, W]` (image resolution) is 1 when one is given."""
         scheduler = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
@@ -114,7 +159,10 @@ class DiffusionModule(L.LightningModule):
             target = latents
         else:
             raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in {self.pretrained}")
-        return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # [B, C, h, w]
+        if mask is None:
+            return error.mean(dim=(1, 2, 3))
+        return masked_mean(error, F.interpolate(mask.float(), size=error.shape[-2:], mode="area"))
 
     def combine(self, per_sample: torch.Tensor, is_class: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         """Instance loss, plus `prior_loss_weight` × class loss when the batch carries class images."""
@@ -126,14 +174,10 @@ class DiffusionModule(L.LightningModule):
         return instance + self.hparams.prior_loss_weight * prior, {"train/instance_loss": instance,
                                                                     "train/prior_loss": prior}
 
-    def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
-        """The prompts of a batch: each sample's template filled with the keyword (captioned data overrides this)."""
-        return [fill(template, self.keyword) for template in batch["template"]]
-
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self.step_generator(batch_idx)
         latents = self.encode_images(batch["pixel_values"], generator)
-        per_sample = self.diffusion_loss(latents, self.encode_prompts(self.batch_prompts(batch)), generator)
+        per_sample = self.diffusion_loss(latents, self.text_states(batch), generator, mask=batch.get("mask"))
         loss, parts = self.combine(per_sample, batch.get("is_class"))
         if self.regularizers:
             vectors, concept = self.learned_vectors()
@@ -164,8 +208,10 @@ class DiffusionModule(L.LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in names}
 
     def on_fit_start(self) -> None:
+        check_regularizers(self)  # before the first step: a regulariser this method cannot feed is a config error
         # Frozen weights run in half precision on CUDA under mixed precision; trainables stay fp32 so the
         # gradient scaler never meets fp16 parameters ("Attempting to unscale FP16 gradients").
+        self._class_states.clear()  # encodings made before now may have another dtype or device
         dtype = _HALF.get(str(self.trainer.precision))
         if dtype is not None and self.device.type == "cuda":
             for p in self.parameters():

@@ -10,7 +10,6 @@ different row than a prompt does, as it would with SD 1.5.
 from __future__ import annotations
 
 import functools
-import json
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -22,6 +21,7 @@ TINY = "tiny"
 START, END = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 77
 HIDDEN = 32
+TEXT_GAIN = 8.0
 
 # Words every test, template and demo relies on, beside the words of the shipped prompt files.
 CONCEPT_WORDS = (
@@ -58,30 +58,57 @@ def corpus_words() -> list[str]:
     return sorted(w for w in found if w not in (START, END))
 
 
+def _segmenter(base: list[str], merges: list[tuple[str, str]]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab: dict[str, int] = {}
+    for token in base + ["".join(m) for m in merges]:
+        vocab.setdefault(token, len(vocab))
+    segmenter = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>",
+                                     continuing_subword_prefix=""))
+    segmenter.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return segmenter
+
+
+def learn_merges(corpus: list[str], base: list[str], max_rounds: int = 50) -> list[tuple[str, str]]:
+    """BPE merges under which every word of `corpus` is one word-final token, learned deterministically.
+
+    Each round segments every word with the merges so far and appends the merges that join what is still split,
+    left to right; a new merge can re-split a word handled earlier, so rounds repeat until nothing changes. (The
+    `tokenizers` trainer breaks frequency ties differently from one process to the next, which would give words
+    different ids, and so different embedding rows, in every process.)
+    """
+    merges: list[tuple[str, str]] = []
+    known: set[tuple[str, str]] = set()
+    for _ in range(max_rounds):
+        added = False
+        for encoding in _segmenter(base, merges).encode_batch(corpus):
+            pieces = encoding.tokens
+            while len(pieces) > 1:
+                pair = (pieces[0], pieces[1])
+                if pair not in known:
+                    known.add(pair)
+                    merges.append(pair)
+                    added = True
+                pieces = ["".join(pair)] + pieces[2:]
+        if not added:
+            return merges
+    raise RuntimeError(f"BPE merges did not settle in {max_rounds} rounds")
+
+
 @functools.lru_cache(maxsize=1)
 def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    trainer_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    # Unbounded vocabulary and min_frequency 1: merging continues until every corpus word is a single token.
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    trainer_tok.train_from_iterator(corpus_words(), trainer)
-    merges = tuple(tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                   for m in json.loads(trainer_tok.to_str())["model"]["merges"])
-
     alphabet = list(bytes_to_unicode().values())
-    tokens = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges]
+    base = alphabet + [c + "</w>" for c in alphabet]
+    merges = learn_merges(corpus_words(), base)
+    tokens = base + ["".join(m) for m in merges]
     # Non-final sub-word rows of the concept words: present in the vocabulary, never produced for a whole word.
     tokens += [w for w in CONCEPT_WORDS if w not in set(tokens)]
     tokens += [START, END]
     vocab: dict[str, int] = {}
     for token in tokens:
         vocab.setdefault(token, len(vocab))
-    return vocab, merges
+    return vocab, tuple(merges)
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -118,6 +145,11 @@ def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             rows = text_encoder.get_input_embeddings().weight
             for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
                 rows[token_id] *= 3.0
+            # A random UNet hardly listens to its prompt: its cross-attention outputs are small beside the conv
+            # path. Amplify them so the text matters, as in a trained model, and tests can see what TEA changes.
+            for name, module in unet.named_modules():
+                if name.endswith("attn2.to_out.0"):
+                    module.weight *= TEXT_GAIN
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,

@@ -24,11 +24,53 @@ def test_demo_config_trains_and_writes_logs_checkpoint_and_exports(tmp_path, mon
     assert (run / "exports" / "final" / "tea.json").is_file()
 
 
+@pytest.mark.parametrize(("config", "export_file"), [
+    ("demo_dreambooth_lora", "pytorch_lora_weights.safetensors"),
+    ("demo_custom_diffusion", "pytorch_custom_diffusion_weights.safetensors"),
+])
+def test_method_demo_configs_train_a_few_steps_and_export(config, export_file, tmp_path, monkeypatch, class_dir):
+    monkeypatch.chdir(ROOT)
+    # Class images from a ready folder: generating them is tested in test_prior_preservation.py.
+    train.main(["fit", "--config", f"configs/{config}.yaml", "--trainer.max_steps", "2", "--data.batch_size", "1",
+                "--trainer.default_root_dir", str(tmp_path), "--data.class_dir", str(class_dir),
+                "--data.num_class_images", "0"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "exports" / "final" / export_file).is_file()
+    assert (run / "exports" / "final" / "tea.json").is_file()
+
+
+def test_a_concepts_list_under_data_reaches_custom_diffusion_and_is_refused_by_single_concept_methods(tmp_path):
+    config = tmp_path / "two.yaml"
+    config.write_text(f"""
+model:
+  class_path: tea_lightning.CustomDiffusion
+  init_args: {{pretrained: tiny}}
+data:
+  resolution: 64
+  concepts:
+    - {{instance_dir: {STAR_IMAGES}, concept_word: star}}
+    - {{instance_dir: {STAR_IMAGES}, concept_word: circle, modifier_token: <round>}}
+""")
+    cli = train.main(["--config", str(config)], run=False)
+    assert cli.model.keywords == ["<new1> star", "<round> circle"]
+    assert len(cli.datamodule.concepts) == 2
+
+    ti = tmp_path / "ti.yaml"
+    ti.write_text(config.read_text().replace("tea_lightning.CustomDiffusion", "tea_lightning.TextualInversion")
+                  .replace("{pretrained: tiny}", "{pretrained: tiny, concept_word: star}"))
+    with pytest.raises(ValueError, match="data.concepts lists 2 concepts but TextualInversion trains 1"):
+        train.main(["fit", "--config", str(ti), "--trainer.max_steps", "1", "--trainer.logger", "false",
+                    "--trainer.default_root_dir", str(tmp_path)])
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_instantiates(config: Path, tiny_dir, monkeypatch):
     monkeypatch.chdir(ROOT)
     if "SceneDataModule" in config.read_text():  # training a world from scratch: built-in model, generated data
-        cli = train.main(["--config", str(config)], run=False)
+        from tea_lightning.full_finetune import main as full_finetune_cli
+
+        cli = full_finetune_cli(["--config", str(config)], run=False)
         assert cli.datamodule.train_dataloader() is not None
     else:
         # SD 1.5 configs point at the hub; the tiny model saved as a diffusers folder stands in for it offline.

@@ -1,5 +1,7 @@
 """Loading model parts: the built-in tiny model, a saved diffusers folder, and clear errors for bad paths."""
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -79,3 +81,13 @@ def test_a_folder_that_is_not_a_diffusers_model_is_refused(tmp_path):
 def test_a_hub_id_that_is_not_cached_fails_offline_with_the_fix():
     with pytest.raises(FileNotFoundError, match="Could not load 'nobody/no-such-model'"):
         load_components("nobody/no-such-model")
+
+
+def test_tiny_model_is_identical_in_every_process():
+    # An export trained in one process is used by infer.py in another: the vocabulary ids and weights must agree.
+    script = ("import hashlib, json; from tea_lightning.tiny import tiny_pipeline; p = tiny_pipeline(); "
+              "v = json.dumps(sorted(p.tokenizer.get_vocab().items())); "
+              "print(hashlib.sha1(v.encode()).hexdigest(), float(p.text_encoder.get_input_embeddings().weight.sum()))")
+    runs = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(runs) == 1, runs

@@ -7,7 +7,7 @@ from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 from tea_lightning import drift
 
 # (n, m, d): fewer sentences than dimensions (singular covariance, the paper's 200 x 768 case) and more.
-SHAPES = [(7, 9, 12), (30, 25, 5)]
+SHAPES = [(7, 9, 12), (30, 25, 5), (6, 10, 300)]
 
 
 def _sets(n: int, m: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -195,3 +195,37 @@ BAD_SET_CALLS = [
 def test_bad_input_raises_value_error_naming_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_pooled_hidden_states_pick_the_documented_positions():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    ids = torch.tensor([[7, 1, 9, 9, 9], [7, 1, 2, 3, 9]])  # 9 = end of text, then padding with it
+    assert torch.equal(drift.pool_hidden_states(hidden, ids, 9, "last"), hidden[:, 4])
+    assert torch.equal(drift.pool_hidden_states(hidden, ids, 9, "eos"), torch.stack([hidden[0, 2], hidden[1, 4]]))
+    assert torch.equal(drift.pool_hidden_states(hidden, ids, 9, "mean"),
+                       torch.stack([hidden[0, :3].mean(0), hidden[1].mean(0)]))
+    assert drift.pool_hidden_states(hidden, ids, 9, "flatten").shape == (2, 15)
+
+
+def test_contextual_distances_of_a_keyword_that_changes_nothing():
+    p = _t(_sets(12, 12, 16)[0])
+    s = _t(_sets(12, 9, 16)[1])
+    values = drift.contextual_distances(p, p.clone(), s)
+    assert set(values) == {f"{kind}_{metric}" for kind in ("inter", "simple")
+                           for metric in ("l2", "hausdorff", "mahalanobis", "kl")} | {
+        "intra_l2", "intra_hausdorff", "intra_mahalanobis"}
+    assert values["inter_hausdorff"] == 0 and values["inter_kl"] == 0
+    assert values["inter_l2"] == pytest.approx(values["intra_l2"])  # both the mean over all pairs of P
+    # P and S differ in size: KL pairs the first min(n, m) sentences of each.
+    assert values["simple_kl"] == pytest.approx(drift.kl_divergence(p[:9], s).item())
+
+
+def test_a_dominating_keyword_shrinks_intra_and_simple_distances():
+    rng = np.random.default_rng(1)
+    context_p, context_s = _t(rng.normal(size=(20, 16))), _t(rng.normal(size=(15, 16)))
+    keyword = _t(rng.normal(size=16)) * 10
+    mild = drift.contextual_distances(context_p + 0.1 * keyword, context_p, context_s + 0.1 * keyword)
+    dominated = drift.contextual_distances(0.2 * context_p + keyword, context_p, 0.2 * context_s + keyword)
+    assert dominated["intra_l2"] < mild["intra_l2"] and dominated["intra_hausdorff"] < mild["intra_hausdorff"]
+    assert dominated["simple_l2"] < mild["simple_l2"] and dominated["simple_kl"] < mild["simple_kl"]
+    assert dominated["inter_kl"] > mild["inter_kl"]

@@ -1,0 +1,403 @@
+"""Drift monitors (method.md §3): watch the learned keyword V* move away from its concept word c while training.
+
+- `EmbeddingDrift`: the learned token vectors themselves (Textual Inversion, Custom Diffusion): norm, ratio to the
+  concept word's norm, cosine and angle to c and to V*'s initial value, percentile among the vocabulary norms, and
+  a histogram image of the vocabulary norms with V* marked (the paper's Figure 4).
+- `ContextualDrift`: the text encoder's view of whole sentences (the paper's Figure 2): the contextual set P
+  filled with V* against P filled with c (inter-set), against itself (intra-set) and against the simple set S.
+
+Both read the module only through the method contract (`keyword`, `concept_word`, `trains_text_encoder`,
+`learned_vectors()`, `encode_prompts`, `tokenize`, `text_encoder`, `tokenizer`), run on rank 0 only, under
+`no_grad`, in the trainer's precision, and leave train/eval flags and the global RNG as they found them: a run with
+them ends with the same trainables as one without. A UNet-only method (DreamBooth LoRA without the text encoder)
+learns nothing in text space, so its text-space drift is zero by construction; the callbacks say so once and skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image, ImageDraw
+from torch import Tensor
+from typing_extensions import override
+
+from tea_lightning import drift
+from tea_lightning.prompt_sets import SLOT, available_concepts, fill, resolve
+
+VECTOR_PREFIX = "drift/"  # EmbeddingDrift's TensorBoard keys: drift/norm, drift/norm_ratio, ...
+SETS_PREFIX = "drift_sets/"  # ContextualDrift's: drift_sets/inter_l2, drift_sets/intra_hausdorff, ...
+HISTOGRAM_TAG = VECTOR_PREFIX + "vocab_norms"
+
+
+# ------------------------------------------------------------------------------------------------- shared helpers
+
+
+def check_every_n_steps(every_n_steps: int, owner: str) -> int:
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        raise ValueError(f"{owner}(every_n_steps={every_n_steps!r}): use a whole number of steps, 1 or more "
+                         "(100 is a good default for Stable Diffusion runs)")
+    return every_n_steps
+
+
+@contextlib.contextmanager
+def measuring(module: torch.nn.Module, forward_context: contextlib.AbstractContextManager | None = None) -> Iterator:
+    """No gradients, the text encoder in eval mode, the trainer's precision; train/eval flags and the global RNG
+    (CPU and the module's accelerator) are put back afterwards, so measuring never changes what training does."""
+    encoder: torch.nn.Module = module.text_encoder
+    modes = [(m, m.training) for m in encoder.modules()]
+    device = module.device
+    fork = (torch.random.fork_rng(devices=[]) if device.type == "cpu" else
+            torch.random.fork_rng(devices=[device.index or 0], device_type=device.type))
+    with fork, torch.no_grad(), forward_context or contextlib.nullcontext():
+        encoder.eval()
+        try:
+            yield
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+
+def learns_token_vectors(module: Any) -> bool:
+    """Whether the method learns token rows (`learned_vectors()` works) rather than only network weights."""
+    try:
+        module.learned_vectors()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def log_metrics(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=step)
+
+
+def _tensorboards(trainer: L.Trainer) -> list:
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def log_note(trainer: L.Trainer, tag: str, text: str) -> None:
+    """Say something once: on the console and, when TensorBoard logs the run, under its Text tab."""
+    rank_zero_info(text)
+    for writer in _tensorboards(trainer):
+        writer.add_text(tag, text, global_step=trainer.global_step)
+
+
+class _EveryNSteps(L.Callback):
+    """Calls `measure` at step 0 (train start) and after every `every_n_steps`-th optimiser step, rank 0 only."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        self.every_n_steps = check_every_n_steps(every_n_steps, type(self).__name__)
+        self._last_step = -1
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        raise NotImplementedError
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        if trainer.global_step == 0 and trainer.is_global_zero:
+            self.measure(trainer, pl_module)  # the starting point of every curve
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # With gradient accumulation this hook runs once per micro-batch; measure once per optimiser step.
+        step = trainer.global_step
+        if step != self._last_step and step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.measure(trainer, pl_module)
+        self._last_step = step
+
+
+# ------------------------------------------------------------------------------------------------ token level
+
+
+def vocabulary_norms(tokenizer: Any, text_encoder: torch.nn.Module) -> Tensor:
+    """Norms `[V]` of the base vocabulary's input-embedding rows (tokens added for placeholders are left out)."""
+    weight = text_encoder.get_input_embeddings().weight
+    return weight[: min(tokenizer.vocab_size, weight.shape[0])].detach().float().norm(dim=-1)
+
+
+def embedding_drift(vectors: Tensor, concept_rows: Tensor, initial: Tensor, vocab_norms: Tensor) -> dict[str, float]:
+    """`drift.vector_drift` for every learned row against its own concept row, averaged over the rows.
+
+    Args:
+        vectors: Learned rows `[k, D]` (`module.learned_vectors()[0]`).
+        concept_rows: Each row's concept-word row `[k, D]` (several concepts may share one module).
+        initial: The learned rows at the start of training `[k, D]`.
+        vocab_norms: `[V]` from `vocabulary_norms`.
+    """
+    rows = [drift.vector_drift(v, c, i, vocab_norms) for v, c, i in zip(vectors, concept_rows, initial, strict=True)]
+    return {key: sum(row[key] for row in rows) / len(rows) for key in rows[0]}
+
+
+RED, BLUE, GREY = (220, 30, 30), (40, 80, 200), (110, 110, 110)
+
+
+def histogram_image(vocab_norms: Tensor, marks: dict[str, tuple[float, tuple[int, int, int]]], bins: int = 80,
+                    size: tuple[int, int] = (720, 300)) -> np.ndarray:
+    """A histogram of the vocabulary norms (log counts) with labelled vertical lines, as an `[H, W, 3]` uint8
+    image for TensorBoard. Drawn with PIL, so training needs no plotting library.
+
+    Args:
+        vocab_norms: `[V]` norms.
+        marks: {label: (norm, RGB colour)} to mark, e.g. the keyword, the concept word, the special tokens.
+        bins: Number of bars.
+        size: (width, height) in pixels.
+    """
+    width, height = size
+    left, right, top, bottom = 10, 10, 28, 22
+    norms = vocab_norms.detach().double().cpu()
+    high = max(float(norms.max()), *(norm for norm, _ in marks.values())) * 1.05 or 1.0
+    counts = torch.histc(norms, bins=bins, min=0.0, max=high)
+    heights = torch.log1p(counts) / math.log1p(float(counts.max()) or 1.0)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    plot_w, plot_h = width - left - right, height - top - bottom
+    for i, h in enumerate(heights.tolist()):
+        x0, x1 = left + plot_w * i / bins, left + plot_w * (i + 1) / bins
+        draw.rectangle([x0, top + plot_h * (1 - h), max(x0, x1 - 1), top + plot_h], fill=(170, 170, 170))
+    draw.line([left, top + plot_h, left + plot_w, top + plot_h], fill="black")
+    for quarter in range(5):
+        x = left + plot_w * quarter / 4
+        draw.line([x, top + plot_h, x, top + plot_h + 3], fill="black")
+        text = f"{high * quarter / 4:.3g}"
+        draw.text((min(x, left + plot_w - draw.textlength(text)), top + plot_h + 5), text, fill="black")
+    draw.text((left, 4), "vocabulary norms (log count)", fill="black")
+    label_x = left + 190
+    for label, (norm, colour) in sorted(marks.items(), key=lambda item: item[1][0]):
+        x = left + plot_w * norm / high
+        draw.line([x, top, x, top + plot_h], fill=colour, width=2)
+        text = f"{label} {norm:.3g}"
+        draw.text((label_x, 4), text, fill=colour)
+        label_x += 10 + int(draw.textlength(text))
+    return np.asarray(image)
+
+
+class EmbeddingDrift(_EveryNSteps):
+    """Log the learned keyword's vector drift every `every_n_steps` steps (and at step 0).
+
+    Scalars (means over the vectors of a multi-vector token): `drift/norm` |V*|, `drift/concept_norm` |c|,
+    `drift/norm_ratio` |V*|/|c|, `drift/cosine_concept` and `drift/angle_concept_deg` between V* and c,
+    `drift/cosine_initial` between V* and its value at the start of training, `drift/norm_percentile` the
+    percentage of vocabulary norms below |V*|. Image (TensorBoard only): `drift/vocab_norms`, the histogram of the
+    vocabulary norms with V*, c and the start/end-of-text tokens marked. Methods that learn no token vectors
+    (DreamBooth) are skipped with a note: their drift shows at the prompt level, in `ContextualDrift`.
+
+    Args:
+        every_n_steps: Steps between measurements (each costs a few vector norms: any value is cheap).
+        histogram: Also log the histogram image.
+    """
+
+    def __init__(self, every_n_steps: int = 100, histogram: bool = True) -> None:
+        super().__init__(every_n_steps)
+        self.histogram = histogram
+        self.initial: Tensor | None = None  # V* at the start of training; kept in checkpoints, so resume agrees
+        self._applies = True
+        self._vocab_norms: Tensor | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._applies = learns_token_vectors(pl_module)
+        if not self._applies and trainer.is_global_zero:
+            log_note(trainer, VECTOR_PREFIX + "note",
+                     f"EmbeddingDrift: {type(pl_module).__name__} learns no token vectors, so there is no vector "
+                     "drift to log; its drift shows at the prompt level (ContextualDrift) when it trains the text "
+                     "encoder, and is zero by construction when it does not.")
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._applies and self.initial is None:
+            self.initial = pl_module.learned_vectors()[0].detach().float().cpu().clone()
+        super().on_train_start(trainer, pl_module)
+
+    def compute(self, module: L.LightningModule) -> dict[str, float]:
+        """The vector drift of `module`'s learned rows now, keyed like the logged scalars."""
+        with torch.no_grad():
+            vectors, concept_rows = module.learned_vectors()
+            if self.initial is None:
+                self.initial = vectors.detach().float().cpu().clone()
+            values = embedding_drift(vectors, concept_rows, self.initial, self.vocab_norms(module))
+        return {VECTOR_PREFIX + key: value for key, value in values.items()}
+
+    def vocab_norms(self, module: L.LightningModule) -> Tensor:
+        # The vocabulary is frozen unless the text encoder trains: compute its norms once.
+        if self._vocab_norms is None or module.trains_text_encoder:
+            self._vocab_norms = vocabulary_norms(module.tokenizer, module.text_encoder)
+        return self._vocab_norms
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self._applies:
+            return
+        metrics = self.compute(module)
+        step = trainer.global_step
+        log_metrics(trainer, metrics, step)
+        writers = _tensorboards(trainer)
+        if self.histogram and writers:
+            image = histogram_image(self.vocab_norms(module), self._marks(module, metrics))
+            for writer in writers:
+                writer.add_image(HISTOGRAM_TAG, image, global_step=step, dataformats="HWC")
+
+    def _marks(self, module: L.LightningModule, metrics: dict[str, float]) -> dict[str, tuple[float, tuple]]:
+        tokenizer, norms = module.tokenizer, self.vocab_norms(module)
+        marks = {"V*": (metrics[VECTOR_PREFIX + "norm"], RED),
+                 str(module.concept_word): (metrics[VECTOR_PREFIX + "concept_norm"], BLUE)}
+        for name, token_id in (("start", tokenizer.bos_token_id), ("end", tokenizer.eos_token_id)):
+            if token_id is not None and token_id < len(norms):
+                marks[name] = (float(norms[token_id]), GREY)
+        return marks
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": self.initial}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial = state_dict.get("initial")
+
+
+# ----------------------------------------------------------------------------------------------- prompt level
+
+
+def load_prompt_set(name_or_path: str, what: str) -> list[str]:
+    """Templates of a shipped set name or file (`prompt_sets.resolve`), at least two (the set distances need
+    pairs); errors name the file and line."""
+    templates = resolve(name_or_path)
+    if len(templates) < 2:
+        raise ValueError(f"{what}={name_or_path!r} holds {len(templates)} template; the set distances need at least "
+                         f"2 (about 200 is what the paper used), one per line, each holding one '{SLOT}'")
+    return templates
+
+
+def contextual_templates(prompt_set: str | None, concept_word: str, fix: str) -> list[str]:
+    """Set P: `prompt_set` when given, else the shipped contextual set of `concept_word`; with neither, a
+    ValueError that ends with `fix` (how to pass a set where the caller is configured)."""
+    if prompt_set is None and concept_word.lower() not in available_concepts():
+        raise ValueError(f"no shipped contextual prompt set for concept_word={concept_word!r} (shipped: "
+                         f"{', '.join(available_concepts())}). {fix}: a file of about 200 sentences, one per line, "
+                         f"each with one '{SLOT}' where the subject goes, or the closest shipped name")
+    return load_prompt_set(prompt_set or concept_word, "prompt_set")
+
+
+def encode_set(encode: Callable[[list[str]], Tensor], prompts: list[str], input_ids: Tensor, eos_token_id: int,
+               hidden_state: str, batch_size: int) -> Tensor:
+    """Pooled encodings `[n, d]` (fp32) of `prompts`, `batch_size` sentences per text-encoder call.
+
+    Args:
+        encode: Prompts → last hidden state `[B, L, D]` (`module.encode_prompts`).
+        prompts: The filled sentences.
+        input_ids: Their token ids `[n, L]`, for pooling (tokenize once, reuse every measurement).
+        eos_token_id: The end-of-text id.
+        hidden_state: One of `drift.HIDDEN_STATES`.
+        batch_size: Sentences per call.
+    """
+    pooled = []
+    for start in range(0, len(prompts), batch_size):
+        hidden = encode(prompts[start:start + batch_size])  # [B, L, D]
+        ids = input_ids[start:start + batch_size].to(hidden.device)
+        pooled.append(drift.pool_hidden_states(hidden, ids, eos_token_id, hidden_state).float())
+    return torch.cat(pooled)
+
+
+class ContextualDrift(_EveryNSteps):
+    """Log the contextual set distances (the paper's Figure 2) every `every_n_steps` steps (and at step 0).
+
+    P is the contextual set (about 200 sentences with a `{}` slot), S the simple set ("a photo of a {}").
+    Scalars, each for `l2`, `hausdorff`, `mahalanobis` and `kl`: `drift_sets/inter_<m>` = d(P(V*), P(c)) (grows as
+    V* drifts), `drift_sets/intra_<m>` = d(P(V*), P(V*)) (shrinks as V* dominates; no KL, which is 0 for a set
+    against itself), `drift_sets/simple_<m>` = d(P(V*), S(V*)) (shrinks as complex prompts collapse onto simple
+    ones). See `drift.contextual_distances`. P(c) is encoded once when the text encoder is frozen (Textual
+    Inversion, Custom Diffusion) and again at every measurement when it trains (DreamBooth with text-encoder LoRA).
+    For a method that learns neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift
+    is zero by construction: that is logged once and nothing is encoded.
+
+    Args:
+        every_n_steps: Steps between measurements. Each encodes P(V*) and S(V*) (about 400 sentences); at 100 that
+            was 1.5-2.2% of an SD 1.5 Textual Inversion run's time on CPU (bench/drift_callback.md).
+        prompt_set: Contextual set P: a shipped concept name (`man`, `dog`, `tortoise plushy`, ...) or a file with
+            one sentence per line, each holding one `{}`. Default: the shipped set of the module's concept word.
+        simple_set: Simple set S: `simple` (shipped) or a file.
+        hidden_state: One vector per sentence from the last hidden state: `last` (position 77, the authors'
+            choice), `eos` (first end-of-text position), `mean` (over the real tokens) or `flatten` (all positions).
+        batch_size: Sentences per text-encoder call.
+        temperature: KL temperature tau.
+    """
+
+    def __init__(self, every_n_steps: int = 100, prompt_set: str | None = None, simple_set: str = "simple",
+                 hidden_state: str = "last", batch_size: int = 128, temperature: float = 1.0) -> None:
+        super().__init__(every_n_steps)
+        if hidden_state not in drift.HIDDEN_STATES:
+            raise ValueError(f"ContextualDrift(hidden_state={hidden_state!r}) does not exist; choose one of "
+                             f"{', '.join(drift.HIDDEN_STATES)} ('last' reproduces the paper)")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"ContextualDrift(batch_size={batch_size!r}): use 1 or more sentences per call")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+            raise ValueError(f"ContextualDrift(temperature={temperature!r}): use a positive number (default 1.0)")
+        self.hidden_state, self.batch_size, self.temperature = hidden_state, batch_size, float(temperature)
+        self.prompt_templates = None if prompt_set is None else load_prompt_set(prompt_set, "prompt_set")
+        self.simple_templates = load_prompt_set(simple_set, "simple_set")
+        self._applies = True
+        self._ids: dict[str, tuple[list[str], Tensor]] = {}  # set name → (filled prompts, token ids), per keyword
+        self._ids_keyword: str | None = None
+        self._p_concept: Tensor | None = None  # P(c), reused while the text encoder is frozen
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if pl_module.concept_word is None:
+            raise ValueError(f"ContextualDrift needs the module's concept_word to fill P(c); "
+                             f"{type(pl_module).__name__} has none. Set model.init_args.concept_word.")
+        self._applies = pl_module.trains_text_encoder or learns_token_vectors(pl_module)
+        if not self._applies:
+            if trainer.is_global_zero:
+                log_note(trainer, SETS_PREFIX + "note",
+                         f"ContextualDrift: {type(pl_module).__name__} trains neither token vectors nor the text "
+                         "encoder, so every prompt encodes exactly as in the base model: the text-space drift is zero "
+                         "by construction, and nothing is measured.")
+            return
+        if self.prompt_templates is None:
+            self.prompt_templates = contextual_templates(
+                None, pl_module.concept_word, "Set prompt_set in the ContextualDrift entry of your config (or remove "
+                "that entry)")
+
+    def compute(self, module: L.LightningModule, forward_context: contextlib.AbstractContextManager | None = None
+                ) -> dict[str, float]:
+        """The set distances of `module` now, keyed like the logged scalars."""
+        with measuring(module, forward_context):
+            sets = self._tokenized(module)
+            encode = self._encoder(module)
+            if self._p_concept is None or module.trains_text_encoder:
+                self._p_concept = encode(*sets["p_concept"])
+            p_keyword, s_keyword = encode(*sets["p_keyword"]), encode(*sets["s_keyword"])
+        values = drift.contextual_distances(p_keyword, self._p_concept, s_keyword, self.temperature)
+        return {SETS_PREFIX + key: value for key, value in values.items()}
+
+    def measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._applies:
+            log_metrics(trainer, self.compute(module, trainer.precision_plugin.forward_context()), trainer.global_step)
+
+    def _encoder(self, module: L.LightningModule) -> Callable[[list[str], Tensor], Tensor]:
+        eos = module.tokenizer.eos_token_id
+        return lambda prompts, ids: encode_set(module.encode_prompts, prompts, ids, eos, self.hidden_state,
+                                               self.batch_size)
+
+    def _tokenized(self, module: L.LightningModule) -> dict[str, tuple[list[str], Tensor]]:
+        # Token ids only depend on the text: tokenize each set once per keyword.
+        if self.prompt_templates is None:  # `compute` called without `setup`
+            self.prompt_templates = contextual_templates(None, module.concept_word, "Pass prompt_set")
+        if self._ids_keyword != module.keyword:
+            fills = {"p_keyword": (self.prompt_templates, module.keyword),
+                     "p_concept": (self.prompt_templates, module.concept_word),
+                     "s_keyword": (self.simple_templates, module.keyword)}
+            self._ids = {}
+            for name, (templates, word) in fills.items():
+                prompts = [fill(t, word) for t in templates]
+                self._ids[name] = (prompts, module.tokenize(prompts))
+            self._ids_keyword, self._p_concept = module.keyword, None
+        return self._ids

@@ -1,0 +1,202 @@
+"""Custom Diffusion (Kumari et al.): train the UNet's cross-attention key/value projections and a modifier token
+("photo of a <new1> cat"), optionally the cross-attention query and output too; everything else frozen.
+
+The trained projections live in diffusers' own `CustomDiffusionAttnProcessor2_0` on every cross-attention, which
+also keeps the start token's key and value out of the gradient, as the authors did. The modifier tokens are
+`LearnedTokens` like Textual Inversion's vectors: one small fp32 parameter per token, initialised from its concept
+word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-word the reference script looks up.
+
+Exports are what diffusers' Custom Diffusion example writes: `pytorch_custom_diffusion_weights.safetensors` and one
+`<token>.safetensors` per modifier token. diffusers' own `unet.load_attn_procs` silently installs nothing for these
+files (huggingface/diffusers#9320), so `load_custom_diffusion` installs the processors itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
+from safetensors.torch import load_file
+from torch import nn
+
+from tea_lightning import export
+from tea_lightning.data import TrainingConcept, as_training_concepts
+from tea_lightning.module import DiffusionModule
+from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, single_token_id
+
+CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
+
+
+def cross_attentions(unet: nn.Module) -> dict[str, Attention]:
+    """The UNet's cross-attention modules (`…attn2`) by name."""
+    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
+
+
+def custom_diffusion_processor(attn: Attention, train_q_out: bool, out_bias: bool = True,
+                               train_kv: bool = True) -> CustomDiffusionAttnProcessor2_0:
+    """A Custom Diffusion processor for `attn` holding copies of its projections (fp32, trainable)."""
+    processor = CustomDiffusionAttnProcessor2_0(
+        train_kv=train_kv, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
+        cross_attention_dim=attn.to_k.in_features, out_bias=out_bias and attn.to_out[0].bias is not None)
+    with torch.no_grad():
+        copies = {"to_k_custom_diffusion.weight": attn.to_k.weight, "to_v_custom_diffusion.weight": attn.to_v.weight,
+                  "to_q_custom_diffusion.weight": attn.to_q.weight,
+                  "to_out_custom_diffusion.0.weight": attn.to_out[0].weight,
+                  "to_out_custom_diffusion.0.bias": attn.to_out[0].bias}
+        for name, tensor in processor.state_dict(keep_vars=True).items():
+            tensor.copy_(copies[name].float())
+    return processor.to(attn.to_k.weight.device)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling refusal gets the same advice
+        raise ValueError(f"{str(path)!r} could not be read as plain tensors ({error}); it is loaded with "
+                         "torch.load(weights_only=True) only, never unpickled in full. Re-save it as "
+                         "safetensors.") from error
+
+
+def load_custom_diffusion(unet: nn.Module, path: str | Path) -> list[str]:
+    """Install the Custom Diffusion processors of a weights file into `unet`; return the attention modules changed.
+
+    Every key is checked against the UNet before anything is installed: a file for another base model is refused,
+    naming the first key that does not fit. The modifier tokens load with diffusers'
+    `pipe.load_textual_inversion(folder / "<new1>.safetensors", token="<new1>")`.
+
+    Args:
+        unet: The UNet to change (e.g. `pipe.unet`).
+        path: `pytorch_custom_diffusion_weights.safetensors` (or `.bin`), or the export folder holding it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CUSTOM_DIFFUSION_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"No Custom Diffusion weights at {str(path)!r}; give the export folder or the "
+                                f"{CUSTOM_DIFFUSION_WEIGHTS} file.")
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in _read_weights(path).items():
+        name, found, param = key.partition(".processor.")
+        if not found:
+            raise ValueError(f"{str(path)!r}: key {key!r} is not a Custom Diffusion processor weight "
+                             "(<attention>.processor.to_k_custom_diffusion.weight, ...).")
+        groups.setdefault(name, {})[param] = tensor
+    modules = dict(unet.named_modules())
+    processors = {}
+    for name, tensors in sorted(groups.items()):
+        attn = modules.get(name)
+        if not isinstance(attn, Attention):
+            raise ValueError(f"{str(path)!r}: key {name}.processor.* names no attention module of this UNet; the file "
+                             "was trained for another base model.")
+        processor = custom_diffusion_processor(
+            attn, train_q_out="to_q_custom_diffusion.weight" in tensors,
+            out_bias="to_out_custom_diffusion.0.bias" in tensors, train_kv="to_k_custom_diffusion.weight" in tensors)
+        expected = processor.state_dict()
+        for param in sorted(set(expected) | set(tensors)):
+            want, got = expected.get(param), tensors.get(param)
+            if want is None or got is None or want.shape != got.shape:
+                raise ValueError(
+                    f"{str(path)!r}: key {name}.processor.{param} has shape {None if got is None else list(got.shape)} "
+                    f"but this UNet needs {None if want is None else list(want.shape)}. The file was trained for "
+                    "another base model (e.g. SD 1.x vs 2.x); load it into that one.")
+        processor.load_state_dict(tensors)
+        processors[name] = processor.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
+    for name, processor in processors.items():
+        modules[name].set_processor(processor)
+    return sorted(processors)
+
+
+class CustomDiffusion(DiffusionModule):
+    """Custom Diffusion: cross-attention key/value (+ query/output) and modifier tokens, for one or more concepts.
+
+    Args:
+        concept_word: One-token word of the concept's category ("cat"); prompts say "<new1> cat".
+        modifier_token: The new token written before the concept word.
+        train_q_out: Also train the cross-attention query and output projections (the authors' setting).
+        concepts: Several concepts (filled from ``data.concepts`` by train.py); each brings its own modifier token.
+        pretrained, seed, prior_loss_weight, gradient_checkpointing, regularizers, optimizer, lr_scheduler: see
+            `DiffusionModule`.
+    """
+
+    method = "custom_diffusion"
+
+    def __init__(self, concept_word: str | None = None, modifier_token: str = "<new1>", train_q_out: bool = False,
+                 concepts: list[TrainingConcept] | None = None, **kwargs) -> None:
+        pairs = self._token_pairs(concept_word, modifier_token, concepts)
+        super().__init__(**kwargs)
+        if concepts is not None:
+            self.hparams["concepts"] = [asdict(c) for c in as_training_concepts(concepts)]
+        self.modifier_tokens = [token for token, _ in pairs]
+        self.concept_words = [word for _, word in pairs]
+        self.concept_word = self.concept_words[0]
+        concept_ids = [single_token_id(self.tokenizer, word) for word in self.concept_words]
+        token_ids = add_new_tokens(self.tokenizer, self.modifier_tokens, what="model.modifier_token")
+        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        table = self.text_encoder.get_input_embeddings()
+        rows = table.weight[concept_ids].detach().float().clone()  # [k, D]
+        with torch.no_grad():
+            table.weight[token_ids] = rows.to(table.weight.dtype)
+        self.register_buffer("concept_vectors", rows.clone(), persistent=False)
+        # One fp32 parameter per token, spliced into the embedding output by its own hook.
+        self.modifiers = nn.ModuleList(LearnedTokens(row[None], first_id=token_id)
+                                       for row, token_id in zip(rows, token_ids, strict=True))
+        for modifier in self.modifiers:
+            modifier.attach(table)
+        for attn in cross_attentions(self.unet).values():
+            attn.set_processor(custom_diffusion_processor(attn, train_q_out))
+
+    @staticmethod
+    def _token_pairs(concept_word: str | None, modifier_token: str,
+                     concepts: list[TrainingConcept] | None) -> list[tuple[str, str]]:
+        """(modifier token, concept word) per concept, checked before any model is loaded."""
+        if concepts is None:
+            if concept_word is None:
+                raise ValueError("Custom Diffusion needs model.concept_word (one concept, e.g. 'cat') or "
+                                 "data.concepts (several).")
+            pairs = [(modifier_token, concept_word)]
+        else:
+            if concept_word is not None:
+                raise ValueError(f"model.concept_word={concept_word!r} and data.concepts are both set: with several "
+                                 "concepts each entry names its own concept_word; remove model.concept_word "
+                                 "(--model.init_args.concept_word null).")
+            if not concepts:
+                raise ValueError("data.concepts is an empty list; list at least one concept.")
+            concepts = as_training_concepts(concepts)
+            missing = [i for i, c in enumerate(concepts) if not c.concept_word]
+            if missing:
+                raise ValueError(f"data.concepts[{missing[0]}] has no concept_word; Custom Diffusion initialises its "
+                                 "modifier token from it (e.g. concept_word: cat).")
+            pairs = [(c.modifier_token or f"<new{i + 1}>", c.concept_word) for i, c in enumerate(concepts)]
+        tokens = [token for token, _ in pairs]
+        for token in tokens:
+            if not token.strip() or any(ch in token for ch in '/\\ {}') or tokens.count(token) > 1:
+                raise ValueError(f"modifier token {token!r} must be unique, non-empty and free of spaces, slashes "
+                                 "and braces (it names an export file, <token>.safetensors); e.g. '<new1>'.")
+        return pairs
+
+    @property
+    def keyword(self) -> str:
+        return self.keywords[0]
+
+    @property
+    def keywords(self) -> list[str]:
+        return [f"{token} {word}" for token, word in zip(self.modifier_tokens, self.concept_words, strict=True)]
+
+    def learned_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.cat([m.vectors for m in self.modifiers]), self.concept_vectors
+
+    def export(self, folder: Path, step: int) -> None:
+        weights = {name.removeprefix("unet."): tensor.float() for name, tensor in self.trainable_state_dict().items()
+                   if name.startswith("unet.")}
+        export.write_safetensors(weights, folder / CUSTOM_DIFFUSION_WEIGHTS)
+        for token, modifier in zip(self.modifier_tokens, self.modifiers, strict=True):
+            export.write_safetensors({token: modifier.vectors[0].detach().float()}, folder / f"{token}.safetensors")
+        concepts = [{"modifier_token": t, "keyword": k, "concept_word": w}
+                    for t, k, w in zip(self.modifier_tokens, self.keywords, self.concept_words, strict=True)]
+        export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
+                              concept_word=self.concept_word, step=step, tokens=self.modifier_tokens,
+                              concepts=concepts, train_q_out=self.hparams.train_q_out)

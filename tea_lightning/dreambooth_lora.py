@@ -1,0 +1,126 @@
+"""DreamBooth with LoRA: low-rank adapters on the UNet's attention (and optionally the text encoder), a rare
+identifier before the concept word ("a photo of sks dog"), usually with prior preservation.
+
+The adapters are peft LoRA layers; everything else stays frozen. The export is the file diffusers'
+`StableDiffusionPipeline.save_lora_weights` writes, so `pipe.load_lora_weights(folder)` loads it unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from tea_lightning import export
+from tea_lightning.data import sample_seed
+from tea_lightning.module import DiffusionModule
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+def diffusers_lora_layers(model: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:
+    """The model's LoRA tensors with diffusers' key names, `scale` (lora_alpha / rank) folded into the up weights:
+    readers assume lora_alpha = rank, and up·down·scale is what the adapter adds."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    return {k: (v.float() * scale if ".up." in k else v.float()).cpu() for k, v in layers.items()}
+
+
+def check_lora_shapes(path: str | Path, pipe) -> None:
+    """Refuse a LoRA file whose tensors do not fit `pipe`'s UNet and text encoder, naming the first misfit.
+
+    diffusers' `load_lora_weights` reports a wrong base model only deep inside peft; this says which key and what to
+    do. Layer names follow formats.md: `unet.<module>.lora.{down,up}.weight`,
+    `text_encoder.<module>.lora_linear_layer.{down,up}.weight`.
+    """
+    state = load_file(str(path))
+    parts = {"unet": dict(pipe.unet.named_modules()), "text_encoder": dict(pipe.text_encoder.named_modules())}
+    for key, tensor in state.items():
+        prefix, _, rest = key.partition(".")
+        for marker in (".lora.down.", ".lora.up.", ".lora_linear_layer.down.", ".lora_linear_layer.up."):
+            if marker in rest:
+                name, kind = rest.split(marker)[0], marker.strip(".").split(".")[-1]
+                break
+        else:
+            continue  # kohya keys and alphas: left to diffusers' own converter
+        layer = parts.get(prefix, {}).get(name)
+        layer = getattr(layer, "base_layer", layer)
+        if not isinstance(layer, torch.nn.Linear):
+            raise ValueError(f"LoRA file {str(path)!r}: key {key!r} names no linear layer of this model's {prefix}. "
+                             "It was trained for another base model; load it into that one.")
+        expected = (tensor.shape[0], layer.in_features) if kind == "down" else (layer.out_features, tensor.shape[1])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"LoRA file {str(path)!r}: key {key!r} has shape {list(tensor.shape)}, but this model's "
+                             f"layer needs {list(expected)}. It was trained for another base model (e.g. SD 1.x vs "
+                             "2.x); load it into that one.")
+
+
+class DreamBoothLoRA(DiffusionModule):
+    """DreamBooth-LoRA (Ruiz et al. with Hu et al.'s low-rank adapters): "a photo of sks dog".
+
+    Args:
+        concept_word: The class noun after the identifier ("dog"); the class prompt and TEA use it.
+        identifier: Rare token written before the concept word ("sks").
+        rank: LoRA rank (4 in the paper).
+        lora_alpha: LoRA scale numerator (the adapter adds alpha/rank · up·down); default = rank.
+        dropout: Dropout on the LoRA input.
+        train_text_encoder: Also put LoRA on the text encoder's q/k/v/out projections (the authors did).
+        pretrained, seed, prior_loss_weight, gradient_checkpointing, regularizers, optimizer, lr_scheduler: see
+            `DiffusionModule`.
+    """
+
+    method = "dreambooth_lora"
+
+    def __init__(self, concept_word: str, identifier: str = "sks", rank: int = 4, lora_alpha: float | None = None,
+                 dropout: float = 0.0, train_text_encoder: bool = True, **kwargs) -> None:
+        if rank < 1:
+            raise ValueError(f"model.rank={rank}; a LoRA rank is at least 1 (4 is the usual choice).")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout={dropout} is not in [0, 1).")
+        if not concept_word.strip() or not identifier.strip() or "{" in identifier + concept_word:
+            raise ValueError(f"model.identifier={identifier!r} and model.concept_word={concept_word!r} must be plain "
+                             "words, e.g. identifier 'sks' and concept_word 'dog' ('a photo of sks dog').")
+        super().__init__(**kwargs)
+        self.concept_word, self.identifier = concept_word, identifier
+        self.trains_text_encoder = train_text_encoder
+        self.lora_scale = (rank if lora_alpha is None else lora_alpha) / rank
+        config = dict(r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha, lora_dropout=dropout,
+                      init_lora_weights="gaussian")
+        # inject_adapter_in_model creates the LoRA tensors trainable and in fp32; the base weights stay frozen. Their
+        # random start comes from the seed, so two modules built alike start alike (resume, DDP, comparisons).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.hparams.seed, 2))
+            inject_adapter_in_model(LoraConfig(target_modules=UNET_TARGETS, **config), self.unet)
+            if train_text_encoder:
+                inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **config), self.text_encoder)
+        if dropout:  # LoRA dropout only acts in train mode; the frozen weights have no dropout of their own
+            self.unet.train()
+            self.text_encoder.train(train_text_encoder)
+
+    @property
+    def keyword(self) -> str:
+        return f"{self.identifier} {self.concept_word}"
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        if self.hparams.dropout:  # dropout masks from (seed, step, rank): a resumed run draws the same ones
+            torch.manual_seed(sample_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank, 1))
+
+    def export(self, folder: Path, step: int) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        unet = diffusers_lora_layers(self.unet, self.lora_scale)
+        text_encoder = diffusers_lora_layers(self.text_encoder, self.lora_scale) if self.trains_text_encoder else None
+        # The stock writer names the keys; our save function makes the write atomic and refuses NaN.
+        StableDiffusionPipeline.save_lora_weights(
+            folder, unet_lora_layers=unet, text_encoder_lora_layers=text_encoder, weight_name=LORA_WEIGHTS,
+            save_function=lambda tensors, path: export.write_safetensors(tensors, Path(path), {"format": "pt"}))
+        export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
+                              concept_word=self.concept_word, step=step, identifier=self.identifier,
+                              rank=self.hparams.rank, trains_text_encoder=self.trains_text_encoder)
