@@ -237,7 +237,7 @@ class StepAlignedLoader(DataLoader):
     epoch, and every resume from a `.ckpt`, continues exactly where an uninterrupted run would be."""
 
     def __init__(self, dataset: ConceptStream, position: Callable[[], tuple[int, int, int]], **kwargs) -> None:
-        super().__init__(dataset, collate_fn=collate, **kwargs)
+        super().__init__(dataset, **{"collate_fn": collate, **kwargs})
         self._position = position
 
     def __iter__(self):

@@ -159,7 +159,7 @@ def mini_pipeline(folder: Path = WEIGHTS_DIR) -> StableDiffusionPipeline:
             f"The mini model's weights are missing from {str(folder)!r}; reinstall tea-lightning (they are package "
             "data), or train them with `python train.py fit --config configs/mini_world.yaml` and ship the final "
             "export with `python -m tea_lightning.mini RUN/exports/final`.")
-    return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, safety_checker=None,
+    return StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False)
 
 

@@ -13,8 +13,8 @@ exporting the learned vector every few steps, and for each export measures
   position, as the authors);
 - by the readout (`tea_lightning.readout`), on images of the evaluation prompts (`prompts/mini/eval_pink_star.csv`)
   made through `tea_lightning.inference.generate`, without TEA and with TEA at rho=0.2, alpha=0.5: **context
-  accuracy** (the share of images showing every requested background and second object) and **concept
-  fidelity** (the share showing a pink star);
+  accuracy** (the share of images showing every requested background and second object), **concept
+  fidelity** (the share showing a pink star) and **concept colour** (the share showing anything pink);
 
 and finally sweeps TEA's rho and alpha at the last step (Table 1). It writes into `--out`:
 
@@ -49,9 +49,10 @@ MINI_PROMPTS = PROMPTS_DIR / "mini"
 CURVE_COLUMNS = (
     "step", "norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial", "norm_percentile",
     "l2_pv_pc", "hausdorff_pv_pc", "mahalanobis_pv_pc", "kl_pv_pc", "intra_hausdorff_pv", "l2_pv_sv",
-    "hausdorff_pv_sv", "context_baseline", "fidelity_baseline", "context_tea", "fidelity_tea",
+    "hausdorff_pv_sv", "context_baseline", "fidelity_baseline", "colour_baseline", "context_tea", "fidelity_tea",
+    "colour_tea",
 )
-SWEEP_COLUMNS = ("setting", "rho", "alpha", "context_accuracy", "concept_fidelity", "images")
+SWEEP_COLUMNS = ("setting", "rho", "alpha", "context_accuracy", "concept_fidelity", "concept_colour", "images")
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ class Size:
 
 
 SIZES = {
-    "full": Size(steps=800, every=100, lr=5e-3, images=4, sample_steps=15, prompts=8,
-                 rhos=(0.0, 0.1, 0.2, 0.4, 0.7, 1.0), alphas=(0.0, 0.5, 1.0), contextual=200),
+    "full": Size(steps=600, every=100, lr=5e-3, images=4, sample_steps=15, prompts=8,
+                 rhos=(0.0, 0.2, 0.4, 0.7, 1.0), alphas=(0.0, 0.5, 1.0), contextual=200),
     "ci": Size(steps=4, every=2, lr=5e-3, images=1, sample_steps=2, prompts=2, rhos=(0.2, 1.0), alphas=(0.5,),
                contextual=12),
 }
@@ -117,8 +118,10 @@ def score_images(records, prompts, readout) -> dict[str, dict[str, float]]:
         readings = read(readout, pil_batch(images))
         context = [context_hit(r, prompts[rec.prompt_index].context) for r, rec in zip(readings, group, strict=True)]
         fidelity = [r.has(*CONCEPT) for r in readings]
+        colour = [r.has(colour=CONCEPT[0]) for r in readings]
         scores[tag] = {"context": sum(context) / len(context), "fidelity": sum(fidelity) / len(fidelity),
-                       "images": len(readings), "rho": group[0].rho, "alpha": group[0].alpha}
+                       "colour": sum(colour) / len(colour), "images": len(readings), "rho": group[0].rho,
+                       "alpha": group[0].alpha}
     return scores
 
 
@@ -212,14 +215,16 @@ def run(out: str | Path, size: str = "full", work: str | Path | None = None, see
         row = {"step": step, **text_drift(export, initial, contextual, simple)}
         scores = images(export, f"step-{step:06d}", (0.2,), (0.5,))
         tea = next(v for k, v in scores.items() if k != "baseline")
-        row.update(context_baseline=scores["baseline"]["context"], fidelity_baseline=scores["baseline"]["fidelity"],
-                   context_tea=tea["context"], fidelity_tea=tea["fidelity"])
+        base = scores["baseline"]
+        row.update(context_baseline=base["context"], fidelity_baseline=base["fidelity"], colour_baseline=base["colour"],
+                   context_tea=tea["context"], fidelity_tea=tea["fidelity"], colour_tea=tea["colour"])
         curves.append({k: row[k] for k in CURVE_COLUMNS})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in curves[-1].items()}), flush=True)
     last = exports / f"step-{steps[-1]:06d}"
     sweep_scores = images(last, "sweep", s.rhos, s.alphas)
     sweep = [{"setting": tag, "rho": v["rho"], "alpha": v["alpha"], "context_accuracy": v["context"],
-              "concept_fidelity": v["fidelity"], "images": v["images"]} for tag, v in sweep_scores.items()]
+              "concept_fidelity": v["fidelity"], "concept_colour": v["colour"], "images": v["images"]}
+             for tag, v in sweep_scores.items()]
     sweep.sort(key=lambda r: (r["rho"] is not None, r["rho"] or 0, r["alpha"] or 0))
 
     _write_csv(out / "curves.csv", CURVE_COLUMNS, curves)
@@ -291,21 +296,23 @@ def _plots(out: Path, curves: list[dict], sweep: list[dict]) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    panel(ax, ["context_baseline", "context_tea", "fidelity_baseline", "fidelity_tea"],
+    panel(ax, ["context_baseline", "context_tea", "fidelity_baseline", "fidelity_tea", "colour_baseline", "colour_tea"],
           "readout: context accuracy and concept fidelity")
     ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(out / "context_and_fidelity.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for row in sweep:
-        label = "baseline" if row["rho"] is None else f"rho {row['rho']:g}, alpha {row['alpha']:g}"
-        ax.scatter(row["concept_fidelity"], row["context_accuracy"], marker="*" if row["rho"] is None else "o")
-        ax.annotate(label, (row["concept_fidelity"], row["context_accuracy"]), fontsize=6)
-    ax.set_xlabel("concept fidelity (pink star present)")
-    ax.set_ylabel("context accuracy")
-    ax.set_title("TEA sweep at the last step")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "concept_fidelity", "concept fidelity (pink star present)"),
+                           (axes[1], "concept_colour", "concept colour (anything pink present)")):
+        for row in sweep:
+            name = "baseline" if row["rho"] is None else f"rho {row['rho']:g}, alpha {row['alpha']:g}"
+            ax.scatter(row[key], row["context_accuracy"], marker="*" if row["rho"] is None else "o")
+            ax.annotate(name, (row[key], row["context_accuracy"]), fontsize=6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("context accuracy")
+        ax.set_title("TEA sweep at the last step")
     fig.tight_layout()
     fig.savefig(out / "sweep.png", dpi=110)
     plt.close(fig)

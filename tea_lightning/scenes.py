@@ -29,7 +29,7 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from tea_lightning.data import ConceptStream, StepAlignedLoader, sample_seed, stream_position
 
@@ -279,7 +279,7 @@ class SceneDataModule(L.LightningDataModule):
         stream = SceneStream(h.seed, h.split, h.resolution, h.p_second, h.caption_dropout,
                              samples_per_epoch=max(1, h.samples_per_epoch // world), batch_size=h.batch_size)
         return StepAlignedLoader(stream, lambda: stream_position(self.trainer, h.batch_size),
-                                 batch_size=h.batch_size, num_workers=h.num_workers)
+                                 batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=default_collate)
 
 
 def concept_scenes(resolution: int = 64) -> list[Scene]:
