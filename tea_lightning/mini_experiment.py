@@ -6,11 +6,10 @@
 It trains Textual Inversion of the pink star (`examples/pink_star/`, a concept the world never saw) on `mini`,
 exporting the learned vector every few steps, and for each export measures
 
-- the vector drift of the keyword against its concept word ``star`` (the paper's Figure 4): norm, norm ratio,
-  cosine and angle to ``star``, cosine to its initial value, percentile of its norm among the vocabulary rows;
-- the contextual set distances (Figure 2) with the world's own prompt sets (`tea_lightning/prompts/mini/`):
-  d(P(V*), P(c)), the intra-set Hausdorff distance of P(V*), and d(P(V*), S(V*)), one vector per sentence (the last
-  position, as the authors);
+- with the drift report (`tea_lightning.drift_report`), the vector drift of the keyword against its concept word
+  ``star`` (the paper's Figure 4: norm, norm ratio, cosine and angle, cosine to its start, norm percentile among the
+  vocabulary) and the contextual set distances (Figure 2: d(P(V*), P(c)), d(P(V*), P(V*)), d(P(V*), S(V*)), one
+  vector per sentence, the last position) with the world's own prompt sets (`tea_lightning/prompts/mini/`);
 - by the readout (`tea_lightning.readout`), on images of the evaluation prompts (`prompts/mini/eval_pink_star.csv`)
   made through `tea_lightning.inference.generate`, without TEA and with TEA at rho=0.2, alpha=0.5: **context
   accuracy** (the share of images showing every requested background and second object), **concept
@@ -18,9 +17,11 @@ exporting the learned vector every few steps, and for each export measures
 
 and finally sweeps TEA's rho and alpha at the last step (Table 1). It writes into `--out`:
 
-- `curves.csv` (one row per export step; columns in `CURVE_COLUMNS`) and `sweep.csv` (one row per (rho, alpha),
-  baseline first; columns in `SWEEP_COLUMNS`);
-- `figure4_vector_drift.png`, `figure2_set_distances.png`, `context_and_fidelity.png`, `sweep.png`;
+- `curves.csv` (one row per export step; columns in `CURVE_COLUMNS`: the drift report's `drift/...` and
+  `drift_sets/...` columns, then the readout's) and `sweep.csv` (one row per (rho, alpha), baseline first; columns
+  in `SWEEP_COLUMNS`);
+- `drift/` (the drift report: `drift.csv`, `contextual_drift.png` = Figure 2, `vector_drift.png` and
+  `vocab_norms.png` = Figure 4), `context_and_fidelity.png`, `sweep.png`;
 - `grid.png`: baseline against TEA images of the last step, and `summary.md` with the numbers.
 
 Everything is seeded: the same command writes the same numbers on the same machine.
@@ -37,8 +38,8 @@ from pathlib import Path
 
 import torch
 
-from tea_lightning import drift
-from tea_lightning.prompt_sets import PROMPTS_DIR, fill, load_eval_csv, load_templates
+from tea_lightning.drift_report import COLUMNS as DRIFT_COLUMNS
+from tea_lightning.prompt_sets import PROMPTS_DIR, load_eval_csv
 from tea_lightning.scenes import COLOUR_NAMES, CONCEPT, SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,12 +47,11 @@ CONCEPT_IMAGES = ROOT / "examples" / "pink_star"
 KEYWORD, CONCEPT_WORD = "<pink-star>", "star"
 MINI_PROMPTS = PROMPTS_DIR / "mini"
 
-CURVE_COLUMNS = (
-    "step", "norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial", "norm_percentile",
-    "l2_pv_pc", "hausdorff_pv_pc", "mahalanobis_pv_pc", "kl_pv_pc", "intra_hausdorff_pv", "l2_pv_sv",
-    "hausdorff_pv_sv", "context_baseline", "fidelity_baseline", "colour_baseline", "context_tea", "fidelity_tea",
-    "colour_tea",
-)
+READOUT_COLUMNS = ("context_baseline", "fidelity_baseline", "colour_baseline", "context_tea", "fidelity_tea",
+                   "colour_tea")
+CURVE_COLUMNS = (*DRIFT_COLUMNS, *READOUT_COLUMNS)  # step, drift_report's vector and set columns, then the readout
+SUMMARY_COLUMNS = ("step", "drift/norm_ratio", "drift/cosine_concept", "drift/norm_percentile",
+                   "drift_sets/inter_l2", "drift_sets/intra_hausdorff", "drift_sets/simple_l2", *READOUT_COLUMNS)
 SWEEP_COLUMNS = ("setting", "rho", "alpha", "context_accuracy", "concept_fidelity", "concept_colour", "images")
 
 
@@ -67,14 +67,12 @@ class Size:
     prompts: int  # evaluation prompts used (the first n of the CSV)
     rhos: tuple[float, ...]
     alphas: tuple[float, ...]
-    contextual: int  # sentences of P used for the set distances
 
 
 SIZES = {
     "full": Size(steps=600, every=100, lr=5e-3, images=4, sample_steps=15, prompts=8,
-                 rhos=(0.0, 0.2, 0.4, 0.7, 1.0), alphas=(0.0, 0.5, 1.0), contextual=200),
-    "ci": Size(steps=4, every=2, lr=5e-3, images=1, sample_steps=2, prompts=2, rhos=(0.2, 1.0), alphas=(0.5,),
-               contextual=12),
+                 rhos=(0.0, 0.2, 0.4, 0.7, 1.0), alphas=(0.0, 0.5, 1.0)),
+    "ci": Size(steps=4, every=2, lr=5e-3, images=1, sample_steps=2, prompts=2, rhos=(0.2, 1.0), alphas=(0.5,)),
 }
 
 
@@ -125,36 +123,6 @@ def score_images(records, prompts, readout) -> dict[str, dict[str, float]]:
     return scores
 
 
-# ------------------------------------------------------------------------------------------------ text side
-
-
-def text_drift(export: Path, initial: torch.Tensor, contextual: list[str], simple: list[str]) -> dict[str, float]:
-    """Vector drift and contextual set distances of the keyword in `export` (its learned row in the mini model)."""
-    from tea_lightning import checkpoints
-    from tea_lightning.inference import encode
-
-    source = checkpoints.read(export)
-    model = checkpoints.build(source, checkpoints.resolve_concepts(source.concepts))
-    (rows,) = model.rows
-    table = model.pipe.text_encoder.get_input_embeddings().weight
-    vocab_norms = table[:rows.first_id].norm(dim=-1)
-    values = drift.vector_drift(rows.vectors, rows.targets[0], initial, vocab_norms)
-    with torch.no_grad():
-        def last(texts: list[str]) -> torch.Tensor:
-            return encode(model.pipe, texts)[:, -1, :]  # the last position, as the authors (method.md §3)
-
-        pv = last([fill(t, KEYWORD) for t in contextual])
-        pc = last([fill(t, CONCEPT_WORD) for t in contextual])
-        sv = last([fill(t, KEYWORD) for t in simple])
-    values.update({
-        "l2_pv_pc": drift.l2_distance(pv, pc).item(), "hausdorff_pv_pc": drift.hausdorff_distance(pv, pc).item(),
-        "mahalanobis_pv_pc": drift.mahalanobis_distance(pv, pc, shrinkage=0.1).item(),
-        "kl_pv_pc": drift.kl_divergence(pv, pc).item(), "intra_hausdorff_pv": drift.intra_hausdorff(pv).item(),
-        "l2_pv_sv": drift.l2_distance(pv, sv).item(), "hausdorff_pv_sv": drift.hausdorff_distance(pv, sv).item(),
-    })
-    return values
-
-
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -196,12 +164,16 @@ def run(out: str | Path, size: str = "full", work: str | Path | None = None, see
     readout = load_readout()
     prompts = load_eval_csv(MINI_PROMPTS / "eval_pink_star.csv")[: s.prompts]
     templates = [p.prompt for p in prompts]
-    contextual = load_templates(MINI_PROMPTS / "contextual_star.txt")[: s.contextual]
-    simple = load_templates(MINI_PROMPTS / "simple.txt")
-
     exports = train_concept(work / "ti", s, seed)
     steps = sorted(int(p.name.split("-")[1]) for p in exports.glob("step-*"))
-    initial = _learned(exports / f"step-{steps[0]:06d}")
+    # The text side, by the drift report: vector drift (Figure 4) and contextual set distances (Figure 2) of every
+    # export, with the world's own sentences about a star.
+    from tea_lightning.drift_report import drift_report
+
+    report = drift_report(str(work / "ti"), prompt_set=str(MINI_PROMPTS / "contextual_star.txt"),
+                          simple_set=str(MINI_PROMPTS / "simple.txt"), device="cpu", out=str(out / "drift"))
+    with (report / "drift.csv").open() as handle:
+        text_side = {int(row["step"]): row for row in csv.DictReader(handle)}
 
     def images(export: Path, name: str, rhos, alphas):
         records = generate(export, templates, work / "images" / name, rhos=rhos, alphas=alphas, compare=True,
@@ -212,7 +184,7 @@ def run(out: str | Path, size: str = "full", work: str | Path | None = None, see
     curves = []
     for step in steps:
         export = exports / f"step-{step:06d}"
-        row = {"step": step, **text_drift(export, initial, contextual, simple)}
+        row = {k: float(v) for k, v in text_side[step].items() if k != "step"} | {"step": step}
         scores = images(export, f"step-{step:06d}", (0.2,), (0.5,))
         tea = next(v for k, v in scores.items() if k != "baseline")
         base = scores["baseline"]
@@ -233,12 +205,6 @@ def run(out: str | Path, size: str = "full", work: str | Path | None = None, see
     _plots(out, curves, sweep)
     _summary(out, size, s, guidance, seed, curves, sweep, templates)
     return {"curves": curves, "sweep": sweep}
-
-
-def _learned(export: Path) -> torch.Tensor:
-    from safetensors.torch import load_file
-
-    return load_file(export / "learned_embeds.safetensors")[KEYWORD].float()
 
 
 def _write_csv(path: Path, columns, rows) -> None:
@@ -279,25 +245,8 @@ def _plots(out: Path, curves: list[dict], sweep: list[dict]) -> None:
         ax.set_title(title)
         ax.legend(fontsize=7)
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panel(axes[0], ["norm_ratio"], "|V*| / |star|")
-    panel(axes[1], ["cosine_concept", "cosine_initial"], "cosine of V* to star / to its start")
-    panel(axes[2], ["norm_percentile"], "percentile of |V*| among vocabulary norms")
-    fig.tight_layout()
-    fig.savefig(out / "figure4_vector_drift.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panel(axes[0], ["l2_pv_pc", "hausdorff_pv_pc"], "inter-set d(P(V*), P(c))")
-    panel(axes[1], ["intra_hausdorff_pv"], "intra-set Hausdorff of P(V*)")
-    panel(axes[2], ["l2_pv_sv", "hausdorff_pv_sv"], "d(P(V*), S(V*))")
-    fig.tight_layout()
-    fig.savefig(out / "figure2_set_distances.png", dpi=110)
-    plt.close(fig)
-
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    panel(ax, ["context_baseline", "context_tea", "fidelity_baseline", "fidelity_tea", "colour_baseline", "colour_tea"],
-          "readout: context accuracy and concept fidelity")
+    panel(ax, list(READOUT_COLUMNS), "readout: context accuracy and concept fidelity")
     ax.set_ylim(-0.02, 1.02)
     fig.tight_layout()
     fig.savefig(out / "context_and_fidelity.png", dpi=110)
@@ -333,8 +282,11 @@ def _summary(out: Path, size: str, s: Size, guidance: float, seed: int, curves, 
         f"every {s.every} steps. Images: {s.images} per prompt and setting, DPM-Solver {s.sample_steps} steps, "
         f"guidance {guidance:g}, scored by the readout. Prompts: " + "; ".join(f"`{t}`" for t in templates) + ".", "",
         "## Drift and readout against training steps", "",
-        *table(curves, CURVE_COLUMNS), "",
-        "![vector drift](figure4_vector_drift.png)", "", "![set distances](figure2_set_distances.png)", "",
+        *table(curves, SUMMARY_COLUMNS), "",
+        "All columns: `curves.csv`. Figure 4 (vector drift, vocabulary norms) and Figure 2 (set distances), from the "
+        "drift report:", "",
+        "![vector drift](drift/vector_drift.png)", "", "![vocabulary norms](drift/vocab_norms.png)", "",
+        "![set distances](drift/contextual_drift.png)", "",
         "![context and fidelity](context_and_fidelity.png)", "",
         f"## TEA sweep at step {curves[-1]['step']}", "",
         *table(sweep, SWEEP_COLUMNS), "", "![sweep](sweep.png)", "",

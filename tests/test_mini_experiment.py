@@ -25,8 +25,8 @@ def test_ci_sized_experiment_writes_curves_sweep_plots_grid_and_summary(tmp_path
         for key, value in row.items():
             if key not in ("setting", "rho", "alpha") and value:
                 float(value)
-    for name in ("figure4_vector_drift.png", "figure2_set_distances.png", "context_and_fidelity.png", "sweep.png",
-                 "grid.png", "summary.md"):
+    for name in ("drift/drift.csv", "drift/vector_drift.png", "drift/contextual_drift.png", "drift/vocab_norms.png",
+                 "context_and_fidelity.png", "sweep.png", "grid.png", "summary.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert "TEA sweep" in (out / "summary.md").read_text()
 
