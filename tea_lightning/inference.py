@@ -361,8 +361,8 @@ def table(columns: Sequence[Sequence[Image.Image]], headers: Sequence[str], cell
     """Images laid out as a table: one column per setting under its header, one row per image."""
     font = ImageFont.load_default()
     rows = max(len(c) for c in columns)
-    # Large images shrink to `cell`; small ones (the 32 px `mini` world) grow, pixel for pixel, to at least 96.
-    size = min(cell, max(96, max(image.width for column in columns for image in column)))
+    # Large images shrink to `cell`; small ones (the 32 px `mini` world) grow, pixel for pixel, to at least 64.
+    size = min(cell, max(64, max(image.width for column in columns for image in column)))
     top = 30  # two lines of header
     grid = Image.new("RGB", (len(columns) * size, top + rows * size), "white")
     draw = ImageDraw.Draw(grid)
