@@ -475,3 +475,17 @@ class ConceptDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return StepAlignedLoader(self.train_dataset(), self._position, batch_size=self.hparams.batch_size,
                                  num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available())
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Latent-cache keys are read on the host before the batch moves to the GPU: looking them up costs no sync.
+        batch["latent_keys"] = latent_keys(batch, augmented=self.hparams.get("augment", False))
+        return batch
+
+
+def latent_keys(batch: dict, augmented: bool = False) -> list[tuple[bool, int, bool] | None]:
+    """(is_class, image_index, flipped) of each sample of a collated batch: what its pixels are a pure function of,
+    so the module may cache their VAE encoding under this key. Randomly augmented instance samples get None."""
+    is_class = batch.get("is_class")
+    is_class = [False] * len(batch["image_index"]) if is_class is None else is_class.tolist()
+    keys = zip(is_class, batch["image_index"].tolist(), batch["flipped"].tolist(), strict=True)
+    return [None if augmented and not key[0] else key for key in keys]

@@ -21,6 +21,7 @@ from tea_lightning.components import DEFAULT_MODEL, load_components
 from tea_lightning.data import SLOT, sample_seed
 from tea_lightning.prompt_sets import fill
 from tea_lightning.regularizers import Regularizer, check_regularizers
+from tea_lightning.speed import DEFAULT_SPEED, LatentCache, Speed, fused, prepare
 
 # Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across
 # workers: Lightning's generic warnings about both are noise here.
@@ -53,6 +54,7 @@ class DiffusionModule(L.LightningModule):
         regularizers: Penalties on the learned vectors added to the loss (see `tea_lightning.regularizers`).
         optimizer: Optimiser over the trainable tensors only (YAML: ``class_path`` + ``init_args``).
         lr_scheduler: Optional learning-rate schedule, stepped every optimiser step.
+        speed: Speed-ups of the training step (latent cache, attention kernel, CUDA settings, ...); see `Speed`.
     """
 
     method = "base"
@@ -62,11 +64,11 @@ class DiffusionModule(L.LightningModule):
     def __init__(self, pretrained: str = DEFAULT_MODEL, seed: int = 0, prior_loss_weight: float = 1.0,
                  gradient_checkpointing: bool = False, regularizers: list[Regularizer] | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
-                 lr_scheduler: LRSchedulerCallable | None = None) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, speed: Speed = DEFAULT_SPEED) -> None:
         super().__init__()
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight={prior_loss_weight} is negative; use 0 or more.")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "regularizers"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "regularizers", "speed"])
         self.pretrained = pretrained
         parts = load_components(pretrained)
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
@@ -78,6 +80,7 @@ class DiffusionModule(L.LightningModule):
         self._last_loss: torch.Tensor | None = None
         self.cache_class_prompts = True  # reuse class-prompt encodings while the text encoder is frozen
         self._class_states: dict[str, torch.Tensor] = {}
+        self.speed, self.latent_cache = speed, LatentCache()
 
     # ----- what each method defines -------------------------------------------------------------------------------
     @property
@@ -128,9 +131,16 @@ class DiffusionModule(L.LightningModule):
         encoded = iter(self.encode_prompts(varying)) if varying else iter(())
         return torch.stack([self._class_states[p] if i in fixed else next(encoded) for i, p in enumerate(prompts)])
 
-    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator,
+                      keys: list | None = None) -> torch.Tensor:
+        """Latents sampled with `generator`. With `keys` (`data.latent_keys`, one per image: what its pixels are a
+        pure function of) and `speed.cache_latents`, each image's posterior is encoded once and then reused."""
         vae = self.vae
-        posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
+        if keys is not None and self.speed.cache_latents:
+            posterior = self.latent_cache.posterior(
+                keys, pixel_values, lambda pixels: vae.encode(pixels.to(vae.dtype)).latent_dist.parameters)
+        else:
+            posterior = vae.encode(pixel_values.to(vae.dtype)).latent_dist
         latents = posterior.sample(generator=generator)  # [B, 4, H/8, W/8]
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * vae.config.scaling_factor
@@ -176,7 +186,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self.step_generator(batch_idx)
-        latents = self.encode_images(batch["pixel_values"], generator)
+        latents = self.encode_images(batch["pixel_values"], generator, batch.get("latent_keys"))
         per_sample = self.diffusion_loss(latents, self.text_states(batch), generator, mask=batch.get("mask"))
         loss, parts = self.combine(per_sample, batch.get("is_class"))
         if self.regularizers:
@@ -207,19 +217,27 @@ class DiffusionModule(L.LightningModule):
         names = {name for name, p in self.named_parameters() if p.requires_grad}
         return {k: v for k, v in self.state_dict().items() if k in names}
 
-    def on_fit_start(self) -> None:
-        check_regularizers(self)  # before the first step: a regulariser this method cannot feed is a config error
+    def setup(self, stage: str) -> None:
         # Frozen weights run in half precision on CUDA under mixed precision; trainables stay fp32 so the
-        # gradient scaler never meets fp16 parameters ("Attempting to unscale FP16 gradients").
-        self._class_states.clear()  # encodings made before now may have another dtype or device
+        # gradient scaler never meets fp16 parameters ("Attempting to unscale FP16 gradients"). Cast here, before
+        # Lightning moves the module, so the fp32 copies never occupy GPU memory.
         dtype = _HALF.get(str(self.trainer.precision))
-        if dtype is not None and self.device.type == "cuda":
+        if dtype is not None and self.trainer.strategy.root_device.type == "cuda" and self.speed.frozen_half:
             for p in self.parameters():
                 if not p.requires_grad:
                     p.data = p.data.to(dtype)
 
+    def on_fit_start(self) -> None:
+        check_regularizers(self)  # before the first step: a regulariser this method cannot feed is a config error
+        # Caches made before now may hold another dtype or device.
+        self._class_states.clear()
+        self.latent_cache.clear()
+        prepare(self.speed, self.unet, self.vae, self.device)
+
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.speed.fused_optimizer:
+            optimizer = fused(optimizer, self.device)
         if self.lr_scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer,

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One GPU run, about 8 minutes on one H100: CUDA tests, then the SD 1.5-architecture comparison of every available
+# method at batch 1 and 4, then the TI ablations and torch.compile, then one table. Everything lands in $OUT (or
+# /tmp/tea-gpu-check when OUT is unset): gpu_check.log, pytest.txt, bench.jsonl, summary.md.
+#
+# Before the run, where pip can reach PyPI (the GPU machine cannot): bash bench/gpu_wheels.sh   (fills .whl/)
+# The run, from the repository root:                                  bash bench/gpu_check.sh   (carry: .whl)
+#
+# Each stage has its own timeout and the whole script a deadline (BUDGET_S, default 480 s): a stage that fails or
+# times out is recorded and the next one runs; stages that no longer fit are reported as skipped.
+# Overrides for a dry run on a CPU machine: ARCH=tiny STEPS=2 BATCHES=1 ALLOW_CPU=1 PYTHON=.venv/bin/python
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/tea-gpu-check}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+
+PYTHON="${PYTHON:-python3}"
+ARCH="${ARCH:-sd15}"
+STEPS="${STEPS:-30}"
+BATCHES="${BATCHES:-1 4}"
+BUDGET_S="${BUDGET_S:-480}"
+DEADLINE=$((SECONDS + BUDGET_S))
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+BENCH=("$PYTHON" bench/train_step.py --arch "$ARCH" --cache-dir /tmp/tea-bench-cache --json "$OUT/bench.jsonl")
+STATUS=()
+
+stage() {  # stage NAME MAX_SECONDS COMMAND...: run with the smaller of MAX_SECONDS and the time left
+  local name=$1 max=$2 left rc=0
+  shift 2
+  left=$((DEADLINE - SECONDS))
+  if ((left < 20)); then
+    echo "=== $name: SKIPPED (only ${left}s left of ${BUDGET_S}s)"
+    STATUS+=("$name: skipped, no time left")
+    return 0
+  fi
+  if ((max > left)); then max=$left; fi
+  echo "=== $name (timeout ${max}s, $((SECONDS))s elapsed)"
+  timeout -k 10 "$max" "$@" || rc=$?
+  case $rc in
+    0) STATUS+=("$name: ok") ;;
+    124 | 137) STATUS+=("$name: TIMED OUT after ${max}s") ;;
+    *) STATUS+=("$name: FAILED (exit $rc)") ;;
+  esac
+  return 0
+}
+
+echo "=== environment ($(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown))"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+"$PYTHON" - <<'EOF'
+import importlib
+for name in ("torch", "lightning", "diffusers", "transformers", "peft", "xformers"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError as error:
+        print(name, "MISSING", error)
+import torch
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+EOF
+if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" && [ -z "${ALLOW_CPU:-}" ]; then
+  echo "No CUDA device: this script is for a GPU machine (ALLOW_CPU=1 for a dry run)."
+  exit 2
+fi
+if ! "$PYTHON" -c "import diffusers" 2>/dev/null; then
+  echo "diffusers is missing: run bash bench/gpu_wheels.sh where pip works, and carry .whl."
+  exit 2
+fi
+
+stage "cuda tests" 150 bash -c "set -o pipefail; $PYTHON -m pytest tests/test_speed_cuda.py -q -rs -p no:cacheprovider \
+  2>&1 | tee '$OUT/pytest.txt'"
+
+# ours vs reference, TI first: it is the method that exists on every branch.
+read -r -a batches <<<"$BATCHES"
+for method in ti lora cd; do
+  stage "compare $method" 110 "${BENCH[@]}" --method "$method" --batch "${batches[@]}" --steps "$STEPS" --warmup 5
+done
+
+# each speed-up off (or on, for the opt-in ones), side by side with the defaults
+stage "ablate ti" 120 "${BENCH[@]}" --method ti --batch 1 --steps 20 --warmup 5 --ablate --no-reference
+
+# torch.compile: the load + warm-up column holds the compile time, steps/s the steady speed
+stage "compile ti" 150 "${BENCH[@]}" --method ti --batch 1 --steps 20 --warmup 10 --no-reference \
+  --variant compile_unet=default --variant compile_unet=reduce-overhead
+
+echo "=== summary"
+if [ -s "$OUT/bench.jsonl" ]; then
+  "$PYTHON" bench/train_step.py --summarize "$OUT/bench.jsonl" | tee "$OUT/summary.md"
+fi
+printf '%s\n' "${STATUS[@]}" | tee -a "$OUT/summary.md"
+echo "total ${SECONDS}s"
