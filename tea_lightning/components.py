@@ -1,4 +1,5 @@
-"""Loading the parts of a Stable Diffusion model: a hub id, a local diffusers folder, or the built-in `tiny`."""
+"""Loading the parts of a Stable Diffusion model: a hub id, a local diffusers folder, or a built-in model (`mini`,
+`tiny`, `mini-untrained`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from tea_lightning.mini import MINI, MINI_UNTRAINED, mini_pipeline, mini_untrained_pipeline
 from tea_lightning.tiny import TINY, tiny_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -26,14 +28,19 @@ class Components:
     noise_scheduler: DDPMScheduler
 
 
+# Models built into the package: name → a function returning the pipeline.
+BUILT_IN = {TINY: tiny_pipeline, MINI: mini_pipeline, MINI_UNTRAINED: mini_untrained_pipeline}
+
+
 def _hint(pretrained: str) -> str:
     return (f"pretrained={pretrained!r}: give a hub id (e.g. {DEFAULT_MODEL!r}, downloaded once beforehand when "
-            f"working offline), a local diffusers folder holding model_index.json, or {TINY!r} for the built-in model")
+            f"working offline), a local diffusers folder holding model_index.json, or a built-in model: "
+            f"{MINI!r} (trained on synthetic scenes), {TINY!r} (random, for tests), {MINI_UNTRAINED!r}")
 
 
 def resolve_pretrained(pretrained: str) -> str:
     """Validate `pretrained` before anything heavy happens; return it unchanged (or the expanded local path)."""
-    if pretrained == TINY:
+    if pretrained in BUILT_IN:
         return pretrained
     expanded = os.path.expanduser(pretrained)
     if os.path.isdir(expanded):
@@ -51,8 +58,8 @@ def resolve_pretrained(pretrained: str) -> str:
 def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> StableDiffusionPipeline:
     """The stock `StableDiffusionPipeline` for `pretrained` (safety checker off), in fp32 on the CPU."""
     source = resolve_pretrained(pretrained)
-    if source == TINY:
-        return tiny_pipeline()
+    if source in BUILT_IN:
+        return BUILT_IN[source]()
     try:
         return StableDiffusionPipeline.from_pretrained(
             source, revision=revision, safety_checker=None, requires_safety_checker=False)

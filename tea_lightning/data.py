@@ -224,12 +224,20 @@ class ConceptStream(IterableDataset):
                 yield self.sample(self.start + k * self.world + self.rank)
 
 
+def stream_position(trainer: L.Trainer | None, batch_size: int) -> tuple[int, int, int]:
+    """(first sample, rank, world size) of the stream at the trainer's optimiser step."""
+    if trainer is None:
+        return 0, 0, 1
+    per_step = batch_size * trainer.accumulate_grad_batches * trainer.world_size
+    return trainer.global_step * per_step, trainer.global_rank, trainer.world_size
+
+
 class StepAlignedLoader(DataLoader):
     """A DataLoader whose stream starts, at every `iter()`, at the sample the optimiser step says it should: every
     epoch, and every resume from a `.ckpt`, continues exactly where an uninterrupted run would be."""
 
     def __init__(self, dataset: ConceptStream, position: Callable[[], tuple[int, int, int]], **kwargs) -> None:
-        super().__init__(dataset, collate_fn=collate, **kwargs)
+        super().__init__(dataset, **{"collate_fn": collate, **kwargs})
         self._position = position
 
     def __iter__(self):
@@ -450,11 +458,7 @@ class ConceptDataModule(L.LightningDataModule):
 
     # ----- the stream ---------------------------------------------------------------------------------------------
     def _position(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0, 1
-        per_step = self.hparams.batch_size * trainer.accumulate_grad_batches * trainer.world_size
-        return trainer.global_step * per_step, trainer.global_rank, trainer.world_size
+        return stream_position(self.trainer, self.hparams.batch_size)
 
     def train_dataset(self) -> ConceptStream:
         if self.uses_class_images and self.class_pools is None:

@@ -40,11 +40,10 @@ from tea_lightning.callbacks.drift import (
     load_prompt_set,
     vocabulary_norms,
 )
-from tea_lightning.components import resolve_pretrained
+from tea_lightning.components import BUILT_IN, resolve_pretrained
 from tea_lightning.export import DIFFUSERS_TI, TEA_JSON, read_tea_json, write_bytes, write_json
 from tea_lightning.prompt_sets import fill
 from tea_lightning.textual_inversion import add_new_tokens, placeholder_tokens, single_token_id
-from tea_lightning.tiny import TINY, tiny_pipeline
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
@@ -105,10 +104,11 @@ def find_exports(run: Path) -> tuple[dict[str, Any], list[Export]]:
 
 
 def load_text_parts(base_model: str) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and text encoder of `base_model` (a hub id, a local diffusers folder or `tiny`), nothing else."""
+    """Tokenizer and text encoder of `base_model` (a hub id, a local diffusers folder or a built-in such as `tiny` or
+    `mini`), nothing else."""
     source = resolve_pretrained(base_model)
-    if source == TINY:
-        pipe = tiny_pipeline()
+    if source in BUILT_IN:
+        pipe = BUILT_IN[source]()
         return pipe.tokenizer, pipe.text_encoder
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -361,14 +361,16 @@ def table(columns: Sequence[Sequence[Image.Image]], headers: Sequence[str], cell
     """Images laid out as a table: one column per setting under its header, one row per image."""
     font = ImageFont.load_default()
     rows = max(len(c) for c in columns)
-    size = min(cell, max(image.width for column in columns for image in column))
+    # Large images shrink to `cell`; small ones (the 32 px `mini` world) grow, pixel for pixel, to at least 64.
+    size = min(cell, max(64, max(image.width for column in columns for image in column)))
     top = 30  # two lines of header
     grid = Image.new("RGB", (len(columns) * size, top + rows * size), "white")
     draw = ImageDraw.Draw(grid)
     for x, (column, header) in enumerate(zip(columns, headers, strict=True)):
         draw.text((x * size + 4, 3), header, fill="black", font=font)
         for y, image in enumerate(column):
-            grid.paste(image.convert("RGB").resize((size, size)), (x * size, top + y * size))
+            grid.paste(image.convert("RGB").resize((size, size), Image.Resampling.NEAREST if image.width < size
+                                                   else Image.Resampling.BICUBIC), (x * size, top + y * size))
     return grid
 
 

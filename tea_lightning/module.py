@@ -165,6 +165,8 @@ class DiffusionModule(L.LightningModule):
             target = noise
         elif scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
+        elif scheduler.config.prediction_type == "sample":  # x0-prediction (the `mini` world)
+            target = latents
         else:
             raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in {self.pretrained}")
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # [B, C, h, w]
