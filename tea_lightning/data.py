@@ -69,17 +69,23 @@ def read_image(path: Path) -> Image.Image:
         raise _fail_image(path, error) from error
 
 
+def require_image_paths(folder: str | Path, what: str, missing_fix: str, empty_fix: str) -> list[Path]:
+    """`image_paths(folder)`, where a missing folder, or one without images, is an error naming `what`, the folder
+    and the fix."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} {str(folder)!r} does not exist. {missing_fix}")
+    paths = image_paths(folder)
+    if not paths:
+        raise ValueError(f"{what} {str(folder)!r} holds no {', '.join(IMAGE_SUFFIXES)} images. {empty_fix}")
+    return paths
+
+
 def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
     """Every image in `folder` (EXIF orientation applied, RGB), shorter side resized to `resolution` and
     center-cropped, as uint8 `[N, 3, resolution, resolution]`. Errors name the folder or file and the fix."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Image folder {str(folder)!r} does not exist. Point data.instance_dir at a folder "
-                                f"of {', '.join(IMAGE_SUFFIXES)} images.")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"Image folder {str(folder)!r} holds no {', '.join(IMAGE_SUFFIXES)} images. "
-                         "Add 3-20 photos of the concept.")
+    paths = require_image_paths(folder, "Image folder", missing_fix="Point data.instance_dir at a folder of images.",
+                                empty_fix="Add 3-20 photos of the concept.")
     images = []
     for path in paths:
         image = read_image(path)

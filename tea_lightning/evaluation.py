@@ -43,7 +43,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from tea_lightning.data import IMAGE_SUFFIXES, read_image
+from tea_lightning.data import read_image, require_image_paths
 from tea_lightning.export import read_tea_json, write_bytes
 from tea_lightning.prompt_sets import PROMPTS_DIR, EvalPrompt, fill, load_eval_csv
 
@@ -324,13 +324,8 @@ def _sha1(path: Path) -> str:
 def _references(spec: Concept, name: str) -> tuple[list[Path], str]:
     """The reference images (all, or the anchor) and a label that changes whenever their content does."""
     folder = Path(spec.references).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Reference folder {str(folder)!r} of concept {name!r} does not exist; point "
-                                f"references at the concept's training images")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise ValueError(f"Reference folder {str(folder)!r} of concept {name!r} holds no "
-                         f"{', '.join(IMAGE_SUFFIXES)} images; add the concept's training images")
+    fix = "Point references at the concept's training images."
+    paths = require_image_paths(folder, f"Reference folder of concept {name!r}", missing_fix=fix, empty_fix=fix)
     if spec.anchor_image is not None:
         anchor = Path(spec.anchor_image).expanduser()
         anchor = anchor if anchor.is_file() else folder / spec.anchor_image
