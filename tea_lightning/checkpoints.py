@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import pickle
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -418,36 +417,18 @@ def install_custom_diffusion(unet, state: dict[str, Tensor], where: str, base: s
     """Install Custom Diffusion's cross-attention processors from `unet.save_attn_procs` keys.
 
     diffusers' own `unet.load_attn_procs` silently installs nothing since 0.29 when called without its private
-    `_pipeline` argument (huggingface/diffusers#9320), so the processors are built and loaded here.
+    `_pipeline` argument (huggingface/diffusers#9320), so `custom_diffusion.install_custom_diffusion_weights` builds
+    and loads them; first, a text width that does not match `base` is named as such.
     """
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+    from tea_lightning.custom_diffusion import install_custom_diffusion_weights
 
-    grouped: dict[str, dict[str, Tensor]] = defaultdict(dict)
-    for key, value in state.items():
-        name, sep, sub = key.partition(".processor.")
-        if not sep:
-            raise ValueError(f"{where}: key {key!r} is not a Custom Diffusion processor weight. {ACCEPTED}")
-        grouped[name + ".processor"][sub] = value
-    processors = dict(unet.attn_processors)
     cross = unet.config.cross_attention_dim
-    for name, weights in grouped.items():
-        to_k = weights.get("to_k_custom_diffusion.weight")
-        if name not in processors or to_k is None:
-            raise ValueError(f"{where}: {name!r} is not a cross-attention layer of {base!r}; the weights were trained "
-                             "for another base model. Pass --pretrained with the model it was trained on.")
-        if to_k.shape[1] != cross:
-            raise ValueError(f"{where}: the Custom Diffusion weights read {to_k.shape[1]}-wide text embeddings, but "
+    for key, value in state.items():
+        if key.endswith("to_k_custom_diffusion.weight") and value.shape[1] != cross:
+            raise ValueError(f"{where}: the Custom Diffusion weights read {value.shape[1]}-wide text embeddings, but "
                              f"{base!r} has {cross}-wide ones (768 = SD 1.x, 1024 = SD 2.x). Pass --pretrained with "
                              "the model it was trained on.")
-        processor = CustomDiffusionAttnProcessor2_0(
-            train_kv=True, train_q_out="to_q_custom_diffusion.weight" in weights, hidden_size=to_k.shape[0],
-            cross_attention_dim=to_k.shape[1], out_bias="to_out_custom_diffusion.0.bias" in weights)
-        try:
-            processor.load_state_dict(weights)
-        except RuntimeError as error:
-            raise ValueError(f"{where}: the weights of {name!r} do not fit {base!r} ({error}).") from error
-        processors[name] = processor.to(device=unet.device, dtype=unet.dtype)
-    unet.set_attn_processor(processors)
+    install_custom_diffusion_weights(unet, state, where)
 
 
 # ------------------------------------------------------------------------------------------------ modules

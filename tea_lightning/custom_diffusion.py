@@ -78,11 +78,18 @@ def load_custom_diffusion(unet: nn.Module, path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"No Custom Diffusion weights at {str(path)!r}; give the export folder or the "
                                 f"{CUSTOM_DIFFUSION_WEIGHTS} file.")
+    return install_custom_diffusion_weights(unet, _read_weights(path), where=repr(str(path)))
+
+
+def install_custom_diffusion_weights(unet: nn.Module, state: dict[str, torch.Tensor], where: str) -> list[str]:
+    """Install Custom Diffusion processors from `unet.save_attn_procs` keys into `unet`; return the attention modules
+    changed. Every key is checked against the UNet before anything is installed, naming the first that does not fit
+    (`where` names the source in errors)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _read_weights(path).items():
+    for key, tensor in state.items():
         name, found, param = key.partition(".processor.")
         if not found:
-            raise ValueError(f"{str(path)!r}: key {key!r} is not a Custom Diffusion processor weight "
+            raise ValueError(f"{where}: key {key!r} is not a Custom Diffusion processor weight "
                              "(<attention>.processor.to_k_custom_diffusion.weight, ...).")
         groups.setdefault(name, {})[param] = tensor
     modules = dict(unet.named_modules())
@@ -90,7 +97,7 @@ def load_custom_diffusion(unet: nn.Module, path: str | Path) -> list[str]:
     for name, tensors in sorted(groups.items()):
         attn = modules.get(name)
         if not isinstance(attn, Attention):
-            raise ValueError(f"{str(path)!r}: key {name}.processor.* names no attention module of this UNet; the file "
+            raise ValueError(f"{where}: key {name}.processor.* names no attention module of this UNet; the file "
                              "was trained for another base model.")
         processor = custom_diffusion_processor(
             attn, train_q_out="to_q_custom_diffusion.weight" in tensors,
@@ -100,7 +107,7 @@ def load_custom_diffusion(unet: nn.Module, path: str | Path) -> list[str]:
             want, got = expected.get(param), tensors.get(param)
             if want is None or got is None or want.shape != got.shape:
                 raise ValueError(
-                    f"{str(path)!r}: key {name}.processor.{param} has shape {None if got is None else list(got.shape)} "
+                    f"{where}: key {name}.processor.{param} has shape {None if got is None else list(got.shape)} "
                     f"but this UNet needs {None if want is None else list(want.shape)}. The file was trained for "
                     "another base model (e.g. SD 1.x vs 2.x); load it into that one.")
         processor.load_state_dict(tensors)
