@@ -124,16 +124,26 @@ def _digest(templates: list[str]) -> str:
     return hashlib.sha256("\n".join(templates).encode()).hexdigest()[:16]
 
 
+def _fingerprint(export: Export) -> str:
+    """What an export's row is a function of besides the settings: its learned vectors."""
+    return hashlib.sha256((export.folder / DIFFUSERS_TI).read_bytes()).hexdigest()[:16]
+
+
 def _read_rows(out: Path, settings: dict[str, Any]) -> dict[int, dict[str, str]]:
-    """Rows of an earlier report with the same settings (resume); nothing when the settings changed."""
+    """Rows of an earlier report with the same settings whose export is unchanged (resume); nothing when the
+    settings changed. A run folder trained again, on another base model or from another seed, is measured anew."""
     try:
-        same = json.loads((out / SETTINGS_NAME).read_text()) == settings
+        earlier = json.loads((out / SETTINGS_NAME).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
+    same = {k: v for k, v in earlier.items() if k != "exports"} == {k: v for k, v in settings.items() if k != "exports"}
     if not same or not (out / CSV_NAME).is_file():
         return {}
+    unchanged = {int(step) for step, digest in earlier.get("exports", {}).items()
+                 if settings["exports"].get(step) == digest}
     with (out / CSV_NAME).open(newline="") as handle:
-        return {int(row["step"]): row for row in csv.DictReader(handle) if list(row) == COLUMNS}
+        return {int(row["step"]): row for row in csv.DictReader(handle)
+                if list(row) == COLUMNS and int(row["step"]) in unchanged}
 
 
 def _write_rows(out: Path, rows: dict[int, dict[str, Any]]) -> None:
@@ -183,7 +193,8 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
 
     settings = {"base_model": meta["base_model"], "keyword": meta["keyword"], "concept_word": concept_word,
                 "first_step": exports[0].step, "prompt_set": _digest(p_templates), "simple_set": _digest(s_templates),
-                "hidden_state": hidden_state, "temperature": float(temperature)}
+                "hidden_state": hidden_state, "temperature": float(temperature),
+                "exports": {str(e.step): _fingerprint(e) for e in exports}}
     rows: dict[int, dict[str, Any]] = _read_rows(out_dir, settings)
     todo = [e for e in exports if e.step not in rows]
     out_dir.mkdir(parents=True, exist_ok=True)

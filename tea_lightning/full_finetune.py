@@ -77,4 +77,7 @@ def main(args: list[str] | None = None, run: bool = True):
 
 
 if __name__ == "__main__":
-    main()
+    # Run the package's copy of this module: classes defined in `__main__` are not the ones the config names.
+    from tea_lightning.full_finetune import main as package_main
+
+    package_main()

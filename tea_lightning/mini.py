@@ -237,7 +237,7 @@ if __name__ == "__main__":
     if len(sys.argv) >= 2 and sys.argv[1] == "evaluate":  # python -m tea_lightning.mini evaluate [FOLDER]
         world = mini_pipeline(Path(sys.argv[2])) if len(sys.argv) > 2 else mini_pipeline()
         for name, cases in evaluation_cases().items():
-            print(name, {k: round(v, 3) for k, v in world_accuracy(world, cases, images_per_prompt=2).items()},
+            print(name, {k: round(v, 3) for k, v in world_accuracy(world, cases, images_per_prompt=4).items()},
                   flush=True)
     else:
         print(ship(sys.argv[1]))

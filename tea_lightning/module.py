@@ -42,6 +42,28 @@ def masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (error * weight).sum(dim=(1, 2, 3)) / weight.sum(dim=(1, 2, 3)).clamp_min(1e-8)
 
 
+def min_snr_weight(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, prediction_type: str,
+                   gamma: float, floor: float = 0.0) -> torch.Tensor:
+    """Min-SNR-γ loss weights `[B]` (Hang et al., 2023, "Efficient Diffusion Training via Min-SNR Weighting").
+
+    Every prediction type then weights the error of its implied clean image by min(SNR(t), γ): high-noise steps
+    stop dominating and low-noise steps, where the details are drawn, count up to γ times. In the target's own
+    units that is min(SNR, γ)/SNR for epsilon, min(SNR, γ)/(SNR + 1) for v and min(SNR, γ) for the clean sample,
+    the weights of diffusers' training scripts' ``--snr_gamma``. `floor` > 0 also clips the SNR from below, so
+    that near-pure-noise steps keep a weight of `floor` on the clean-image error instead of almost none.
+    """
+    alpha = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha / (1 - alpha)
+    clipped = snr.clamp(min=floor, max=gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    if prediction_type == "sample":
+        return clipped
+    raise ValueError(f"Min-SNR weighting does not know prediction_type {prediction_type!r}")
+
+
 class DiffusionModule(L.LightningModule):
     """Base of every method. Subclasses implement `keyword`, `export` and, when they differ, `encode_prompts`.
 
@@ -49,6 +71,10 @@ class DiffusionModule(L.LightningModule):
         pretrained: Hub id, local diffusers folder, or ``tiny`` (the built-in offline model).
         seed: Seed of the per-step noise and timesteps (with the step number, so resumed runs match).
         prior_loss_weight: Weight of the class-image term when the batch carries class images.
+        snr_gamma: Min-SNR-γ loss weighting (`min_snr_weight`; 5 is the paper's value); None weights every
+            timestep alike, as the original trainers do.
+        snr_floor: Lower clip of the same weights (0: Min-SNR as published). 1 keeps the near-pure-noise steps,
+            where a model predicting the clean image learns the layout the prompt asks for, at their plain weight.
         gradient_checkpointing: Recompute the UNet's activations in the backward pass (less memory, about 20%
             slower); non-reentrant, so it works under DDP.
         regularizers: Penalties on the learned vectors added to the loss (see `tea_lightning.regularizers`).
@@ -62,14 +88,20 @@ class DiffusionModule(L.LightningModule):
     trains_text_encoder = False  # True when the text encoder's own weights change (DreamBooth with text-encoder LoRA)
 
     def __init__(self, pretrained: str = DEFAULT_MODEL, seed: int = 0, prior_loss_weight: float = 1.0,
-                 gradient_checkpointing: bool = False, regularizers: list[Regularizer] | None = None,
+                 snr_gamma: float | None = None, snr_floor: float = 0.0, gradient_checkpointing: bool = False,
+                 regularizers: list[Regularizer] | None = None,
                  optimizer: OptimizerCallable = torch.optim.AdamW,
                  lr_scheduler: LRSchedulerCallable | None = None, speed: Speed = DEFAULT_SPEED) -> None:
         super().__init__()
         if prior_loss_weight < 0:
             raise ValueError(f"model.prior_loss_weight={prior_loss_weight} is negative; use 0 or more.")
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"model.snr_gamma={snr_gamma} must be positive (5 is usual), or null for no weighting.")
+        if snr_floor and (snr_gamma is None or not 0 <= snr_floor < snr_gamma):
+            raise ValueError(f"model.snr_floor={snr_floor} needs model.snr_gamma set and must lie in [0, snr_gamma); "
+                             "use 0 for Min-SNR as published, or 1 with snr_gamma 5.")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "regularizers", "speed"])
-        self.pretrained = pretrained
+        self.pretrained, self.snr_gamma, self.snr_floor = pretrained, snr_gamma, snr_floor
         parts = load_components(pretrained)
         self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
         self.text_encoder, self.vae, self.unet = parts.text_encoder, parts.vae, parts.unet
@@ -154,7 +186,8 @@ class DiffusionModule(L.LightningModule):
     def diffusion_loss(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
                        generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample MSE `[B]` between the UNet's prediction and the scheduler's target, averaged over the pixels
-        where `mask` `[B, 1, H, W]` (image resolution) is 1 when one is given."""
+        where `mask` `[B, 1, H, W]` (image resolution) is 1 when one is given, and weighted by Min-SNR-γ when
+        `snr_gamma` is set."""
         scheduler = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
@@ -171,8 +204,13 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"Unsupported prediction_type {scheduler.config.prediction_type!r} in {self.pretrained}")
         error = F.mse_loss(prediction.float(), target.float(), reduction="none")  # [B, C, h, w]
         if mask is None:
-            return error.mean(dim=(1, 2, 3))
-        return masked_mean(error, F.interpolate(mask.float(), size=error.shape[-2:], mode="area"))
+            per_sample = error.mean(dim=(1, 2, 3))
+        else:
+            per_sample = masked_mean(error, F.interpolate(mask.float(), size=error.shape[-2:], mode="area"))
+        if self.snr_gamma is None:
+            return per_sample
+        return per_sample * min_snr_weight(scheduler.alphas_cumprod, timesteps, scheduler.config.prediction_type,
+                                           self.snr_gamma, self.snr_floor)
 
     def combine(self, per_sample: torch.Tensor, is_class: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
         """Instance loss, plus `prior_loss_weight` × class loss when the batch carries class images."""

@@ -49,6 +49,10 @@ SIZES = ("small", "large")
 CONCEPT = ("pink", "star")  # the colour and shape the world never sees together
 SPLITS = ("train", "all")
 SUPERSAMPLE = 4  # scenes are drawn at 4x and box-filtered down: anti-aliased edges
+# How far (in pixels of a 32 px image) an object strays from its place: the centre, or the left or right half.
+# Small on purpose: the world is about *what* is drawn, and a tiny CPU-trained model learns shapes many times
+# faster when they do not also wander (docs/mini_world.md).
+JITTER = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,8 @@ def _pair_centres(rng: np.random.Generator, resolution: int) -> list[tuple[float
     """Centres (in output pixels) of two objects side by side, subject left or right; they never overlap."""
     unit = resolution / 32
     xs = (0.27, 0.73) if rng.random() < 0.5 else (0.73, 0.27)
-    return [(resolution * x + rng.uniform(-1.5, 1.5) * unit, resolution * 0.5 + rng.uniform(-4, 4) * unit) for x in xs]
+    return [(resolution * x + rng.uniform(-JITTER, JITTER) * unit,
+             resolution * 0.5 + rng.uniform(-JITTER, JITTER) * unit) for x in xs]
 
 
 def _radius(rng: np.random.Generator, size: str, resolution: int, two: bool) -> float:
@@ -123,7 +128,7 @@ def _draw_scene(rng: np.random.Generator, resolution: int, p_second: float) -> S
             x, y = centre
         else:
             margin = radius * 1.15 + 1
-            jitter = resolution * 0.12
+            jitter = JITTER * resolution / 32
             x = float(np.clip(resolution / 2 + rng.uniform(-jitter, jitter), margin, resolution - margin))
             y = float(np.clip(resolution / 2 + rng.uniform(-jitter, jitter), margin, resolution - margin))
         objects.append(Thing(shape, colour, size, float(x), float(y), float(radius)))

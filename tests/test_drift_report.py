@@ -69,6 +69,24 @@ def test_a_second_report_resumes_and_changed_settings_measure_again(drift_run, d
     assert _rows(out)[4]["drift_sets/inter_l2"] != pytest.approx(_rows(drift_out)[4]["drift_sets/inter_l2"])
 
 
+def test_a_run_trained_again_into_the_same_folder_is_measured_again(drift_run, drift_out, tmp_path, monkeypatch):
+    # Otherwise a report resumed after retraining (another seed, or a base model whose weights changed) would mix
+    # the old run's rows into the new run's curves without a word.
+    run, _, _ = drift_run
+    copy, out = tmp_path / "run", tmp_path / "report"
+    shutil.copytree(run, copy)
+    shutil.copytree(drift_out, out)
+    export = copy / "exports" / "step-000004" / "learned_embeds.safetensors"
+    from safetensors.torch import load_file
+
+    vectors = load_file(export)
+    save_file({k: v * 1.5 for k, v in vectors.items()}, export)
+    counter = _Counting(monkeypatch)
+    report.drift_report(str(copy), prompt_set="toy", out=str(out), plots=False)
+    assert counter.calls == 1, "only the export whose vectors changed is measured again"
+    assert _rows(out)[4]["drift/norm"] == pytest.approx(1.5 * _rows(drift_out)[4]["drift/norm"], rel=1e-4)
+
+
 def test_report_rebuilds_a_diffusers_folder_base_model_and_needs_no_matplotlib_for_the_csv(drift_run, drift_out,
                                                                                           tiny_dir, tmp_path,
                                                                                           monkeypatch):

@@ -70,14 +70,16 @@ def test_pretrained_mini_loads_the_shipped_fp16_weights_as_a_stock_fp32_pipeline
     assert len([i for i in ids if i not in specials]) == len(prompt.split()), "one token per world word"
 
 
-def test_shipped_mini_paints_the_background_the_prompt_asks_for(mini):
-    # The shipped world follows background words (92-100 % in docs/mini_world.md) but has not yet learned to draw
-    # shapes and object colours reliably, so only the background is held to a bar here.
+def test_shipped_mini_draws_the_shape_colour_and_background_the_prompt_asks_for(mini):
+    # What the demo, the experiment and the README grid rely on: the world follows its prompts (91-100 % on held-out
+    # and seen triples in docs/mini_world.md; 12/12 here). The bars leave room for a reading that flips on another
+    # CPU's arithmetic.
     cases = [(f"a {c} {s} on a {b} background", c, s, b) for c, s, b in
              [("red", "circle", "white"), ("yellow", "square", "blue"), ("white", "triangle", "black"),
               ("green", "star", "yellow"), ("blue", "circle", "gray"), ("black", "square", "pink")]]
     accuracy = world_accuracy(mini, cases, images_per_prompt=2, steps=10)
     assert accuracy["background"] >= 0.75, accuracy
+    assert accuracy["object"] >= 0.75, accuracy
 
 
 def test_mini_samples_are_reproducible_per_image(mini):
@@ -86,3 +88,19 @@ def test_mini_samples_are_reproducible_per_image(mini):
     first = sample(mini, prompts[:1], seed=3, steps=4)
     assert both.shape == (2, 3, 32, 32) and both.min() >= -1 and both.max() <= 1
     assert torch.allclose(both[:1], first, atol=1e-4)
+
+
+def test_the_documented_world_training_command_parses_its_config():
+    # `python -m tea_lightning.full_finetune` runs the module as `__main__`; if the CLI used that copy's classes,
+    # the config's `tea_lightning.full_finetune.FullFineTune` would be refused as "not a subclass" (docs/mini_world.md).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "tea_lightning.full_finetune", "fit", "--config", "configs/mini_world.yaml",
+         "--model.init_args.snr_gamma", "5", "--print_config"], cwd=root, capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "snr_gamma: 5.0" in result.stdout
