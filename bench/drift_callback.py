@@ -32,8 +32,8 @@ from tea_lightning import drift
 from tea_lightning.callbacks import ContextualDrift
 from tea_lightning.module import DiffusionModule
 from tea_lightning.prompt_sets import contextual_set, fill, simple_set
-from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, single_token_id
 from tea_lightning.tiny import tiny_pipeline
+from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id
 
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  max_position_embeddings=77, vocab_size=49408)

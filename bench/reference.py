@@ -27,9 +27,9 @@ from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusi
 from peft import LoraConfig, inject_adapter_in_model
 
 from tea_lightning.components import load_components
-from tea_lightning.data import sample_seed
 from tea_lightning.module import _HALF, DiffusionModule
 from tea_lightning.prompt_sets import fill
+from tea_lightning.seeding import sample_seed
 from tea_lightning.speed import learned_token_ids, spliced_tokens
 
 DIFFUSERS_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]

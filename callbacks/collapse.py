@@ -13,20 +13,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from tea_lightning.callbacks.export import run_dir
 from tea_lightning.drift import cosine, norm_percentile
+from tea_lightning.drift_measure import vocabulary_norms
 
 ACTIONS = ("warn", "stop")
-
-
-def vocabulary_norms(module: L.LightningModule) -> torch.Tensor:
-    """`[V]` norms of the base vocabulary's input-embedding rows (placeholder rows added for training excluded)."""
-    rows = module.text_encoder.get_input_embeddings().weight
-    return rows[: module.tokenizer.vocab_size].detach().float().norm(dim=-1)
 
 
 class CollapseAlarm(L.Callback):
@@ -89,7 +83,7 @@ class CollapseAlarm(L.Callback):
     def findings(self, pl_module: L.LightningModule) -> list[str]:
         """One line per learned vector that crossed a limit; empty when all is well."""
         vectors, concept = pl_module.learned_vectors()  # [k, D] each
-        vocab = vocabulary_norms(pl_module)
+        vocab = vocabulary_norms(pl_module.tokenizer, pl_module.text_encoder)
         found = []
         for i, (v, c) in enumerate(zip(vectors.detach(), concept.detach(), strict=True)):
             norm, percentile, cos = v.norm().item(), norm_percentile(v.norm(), vocab), cosine(v, c).item()

@@ -14,12 +14,17 @@ class _NoTorchvisionNotice(logging.Filter):
 logging.getLogger("transformers.utils.import_utils").addFilter(_NoTorchvisionNotice())
 
 
-from tea_lightning.custom_diffusion import CustomDiffusion
-from tea_lightning.data import ConceptDataModule, TrainingConcept
-from tea_lightning.dreambooth_lora import DreamBoothLoRA
-from tea_lightning.module import DiffusionModule
-from tea_lightning.textual_inversion import TextualInversion
-
-__all__ = ["ConceptDataModule", "CustomDiffusion", "DiffusionModule", "DreamBoothLoRA", "TextualInversion",
-           "TrainingConcept"]
+# The methods, importable as `tea_lightning.TextualInversion` (configs name them so). Imported on first use, so
+# `import tea_lightning.inference` loads no training code.
+_LAZY = {"ConceptDataModule": "data", "TrainingConcept": "data", "CustomDiffusion": "custom_diffusion",
+         "DiffusionModule": "module", "DreamBoothLoRA": "dreambooth_lora", "TextualInversion": "textual_inversion"}
+__all__ = sorted(_LAZY)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"tea_lightning.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'tea_lightning' has no attribute {name!r}")

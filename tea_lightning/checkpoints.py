@@ -23,12 +23,11 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from tea_lightning.adapters import install_custom_diffusion, install_lora
 from tea_lightning.components import DEFAULT_MODEL, load_pipeline
-from tea_lightning.export import DIFFUSERS_TI, TEA_JSON, read_tea_json
-from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, placeholder_tokens
+from tea_lightning.export import CUSTOM_DIFFUSION_WEIGHTS, DIFFUSERS_TI, LORA_WEIGHTS, TEA_JSON, read_tea_json
+from tea_lightning.tokens import LearnedTokens, add_new_tokens, concept_row, placeholder_tokens
 
-LORA_FILE = "pytorch_lora_weights.safetensors"
-CUSTOM_DIFFUSION_FILE = "pytorch_custom_diffusion_weights.safetensors"
 ACCEPTED = """Accepted checkpoints:
   - a tea-lightning export folder (holds tea.json), or a diffusers training output folder holding
     learned_embeds.safetensors, pytorch_lora_weights.safetensors or pytorch_custom_diffusion_weights.safetensors
@@ -177,8 +176,8 @@ def _read_folder(folder: Path) -> Source:
         return next((folder / n for n in names if (folder / n).is_file()), None)
 
     ti = first(DIFFUSERS_TI, "learned_embeds.bin")
-    lora = first(LORA_FILE, "pytorch_lora_weights.bin")
-    custom = first(CUSTOM_DIFFUSION_FILE, "pytorch_custom_diffusion_weights.bin")
+    lora = first(LORA_WEIGHTS, "pytorch_lora_weights.bin")
+    custom = first(CUSTOM_DIFFUSION_WEIGHTS, "pytorch_custom_diffusion_weights.bin")
     parts = [_classify(p, *_load_tensors(p)) for p in (ti, lora, custom) if p is not None]
     if ti is None:  # Custom Diffusion writes one `{token: [D]}` file per modifier token
         known = {p.name for p in (lora, custom) if p is not None}
@@ -230,8 +229,12 @@ def _read_lightning(path: Path, pretrained: str | None) -> Source:
 
 
 def _rebuild_module(path: Path, hparams: dict[str, Any], state: dict[str, Tensor], base: str | None):
-    """Rebuild the method that wrote `path` (its class is recorded by LightningCLI) and load its trained tensors."""
-    from tea_lightning.module import DiffusionModule
+    """Rebuild the method that wrote `path` (its class is recorded by LightningCLI) and load its trained tensors.
+
+    The class is imported by the name the checkpoint records, here and only here: generating from any other file
+    imports no training code.
+    """
+    from lightning import LightningModule
 
     class_path = hparams.get("_class_path", "")
     if not class_path.startswith("tea_lightning."):
@@ -239,7 +242,8 @@ def _rebuild_module(path: Path, hparams: dict[str, Any], state: dict[str, Tensor
                          f"{class_path or None!r}); load its export folder (exports/final) instead.")
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, DiffusionModule)):
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule) and isinstance(getattr(cls, "method", None), str)
+            and callable(getattr(cls, "learned_vectors", None))):
         raise ValueError(f"checkpoint={str(path)!r} names {class_path!r}, which is not a tea-lightning method.")
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     if base is not None:
@@ -327,18 +331,6 @@ def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
     return result
 
 
-def concept_row(tokenizer, table: Tensor, word: str, concept_reduce: str = "error") -> Tensor:
-    """The input-embedding row of `word` exactly as a prompt tokenizes it (`man` → `man</w>`, not the sub-word
-    `man`), fp32 `[D]`. A word of several tokens is an error unless `concept_reduce="mean"` (mean of its rows)."""
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if not ids or (len(ids) > 1 and concept_reduce != "mean"):
-        pieces = tokenizer.convert_ids_to_tokens(ids)
-        raise ValueError(f"concept_word={word!r} is {len(ids)} tokens {pieces}, not one. Choose a one-token word "
-                         "close to the concept ('man', 'dog', 'toy'), or pass --concept_reduce mean to pull "
-                         "towards the mean of its rows.")
-    return table[ids].detach().float().mean(dim=0)
-
-
 def _owner(concepts: Sequence[Concept], token: str) -> Concept:
     for concept in concepts:
         if token in concept.keyword.split():
@@ -380,7 +372,7 @@ def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = 
             for first_id, rows in rows_by_token.values():
                 table.weight[first_id:first_id + len(rows)] = rows.to(table.weight.dtype)
     if source.lora is not None:
-        _install_lora(pipe, source.lora, source.path, base)
+        install_lora(pipe, source.lora, source.path, base)
     if source.custom_diffusion is not None:
         install_custom_diffusion(pipe.unet, source.custom_diffusion, source.path, base)
 
@@ -393,42 +385,6 @@ def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = 
         target = concept_row(pipe.tokenizer, table.weight, _owner(concepts, token).concept_word, concept_reduce)
         learned.append(LearnedRows(first_id, rows, target.expand_as(rows).clone()))
     return Personalized(pipe, list(concepts), learned, source.path, base)
-
-
-def _tuner_layers(model: torch.nn.Module) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
-def _install_lora(pipe: StableDiffusionPipeline, state: dict[str, Tensor], where: str, base: str) -> None:
-    before = _tuner_layers(pipe.unet) + _tuner_layers(pipe.text_encoder)
-    try:
-        pipe.load_lora_weights(dict(state))
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"The LoRA in {where} does not fit the base model {base!r} ({error}). Pass --pretrained "
-                         "with the model it was trained on.") from error
-    if _tuner_layers(pipe.unet) + _tuner_layers(pipe.text_encoder) == before:
-        raise ValueError(f"The LoRA in {where} matched no layer of {base!r}, so it would change nothing. Pass "
-                         "--pretrained with the model it was trained on.")
-
-
-def install_custom_diffusion(unet, state: dict[str, Tensor], where: str, base: str) -> None:
-    """Install Custom Diffusion's cross-attention processors from `unet.save_attn_procs` keys.
-
-    diffusers' own `unet.load_attn_procs` silently installs nothing since 0.29 when called without its private
-    `_pipeline` argument (huggingface/diffusers#9320), so `custom_diffusion.install_custom_diffusion_weights` builds
-    and loads them; first, a text width that does not match `base` is named as such.
-    """
-    from tea_lightning.custom_diffusion import install_custom_diffusion_weights
-
-    cross = unet.config.cross_attention_dim
-    for key, value in state.items():
-        if key.endswith("to_k_custom_diffusion.weight") and value.shape[1] != cross:
-            raise ValueError(f"{where}: the Custom Diffusion weights read {value.shape[1]}-wide text embeddings, but "
-                             f"{base!r} has {cross}-wide ones (768 = SD 1.x, 1024 = SD 2.x). Pass --pretrained with "
-                             "the model it was trained on.")
-    install_custom_diffusion_weights(unet, state, where)
 
 
 # ------------------------------------------------------------------------------------------------ modules

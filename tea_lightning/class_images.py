@@ -13,14 +13,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from tea_lightning.data import image_paths, sample_seed
-from tea_lightning.export import write_png
+from tea_lightning.export import file_stem, write_png
+from tea_lightning.images import image_paths
+from tea_lightning.seeding import sample_seed
 
 
 def default_class_dir(root: str | Path, pretrained: str, prompt: str) -> Path:
     """`<root>/class_images/<model>/<prompt>`: one folder per base model and class prompt, found again next run."""
-    from tea_lightning.textual_inversion import file_stem
-
     return Path(root) / "class_images" / file_stem(pretrained) / file_stem(prompt)
 
 

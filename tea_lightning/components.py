@@ -1,15 +1,19 @@
-"""Loading the parts of a Stable Diffusion model: a hub id, a local diffusers folder, or a built-in model (`mini`,
-`tiny`, `mini-untrained`)."""
+"""Loading the parts of a Stable Diffusion model: a hub id, a local diffusers folder, or a built-in model.
+
+`tiny` (random, for tests) is built in code; `mini` (the world tea-lightning trained, see `tea_lightning.mini`) is a
+diffusers folder shipped as package data, loaded through the very same `from_pretrained` path as any local folder.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tea_lightning.mini import MINI, MINI_UNTRAINED, mini_pipeline, mini_untrained_pipeline
 from tea_lightning.tiny import TINY, tiny_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -28,20 +32,27 @@ class Components:
     noise_scheduler: DDPMScheduler
 
 
-# Models built into the package: name → a function returning the pipeline.
-BUILT_IN = {TINY: tiny_pipeline, MINI: mini_pipeline, MINI_UNTRAINED: mini_untrained_pipeline}
+MINI = "mini"
+# Models shipped as diffusers folders of package data, by name (fp16 safetensors, loaded in fp32).
+BUILT_IN_FOLDERS = {MINI: Path(__file__).parent / "models" / "mini"}
 
 
 def _hint(pretrained: str) -> str:
     return (f"pretrained={pretrained!r}: give a hub id (e.g. {DEFAULT_MODEL!r}, downloaded once beforehand when "
             f"working offline), a local diffusers folder holding model_index.json, or a built-in model: "
-            f"{MINI!r} (trained on synthetic scenes), {TINY!r} (random, for tests), {MINI_UNTRAINED!r}")
+            f"{MINI!r} (trained on synthetic scenes) or {TINY!r} (random, for tests)")
 
 
 def resolve_pretrained(pretrained: str) -> str:
-    """Validate `pretrained` before anything heavy happens; return it unchanged (or the expanded local path)."""
-    if pretrained in BUILT_IN:
+    """Validate `pretrained` before anything heavy happens; return it unchanged, or the local folder it names."""
+    if pretrained == TINY:
         return pretrained
+    if pretrained in BUILT_IN_FOLDERS:
+        folder = BUILT_IN_FOLDERS[pretrained]
+        if not (folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"The built-in model {pretrained!r} is missing from {str(folder)!r} (package "
+                                    "data): reinstall tea-lightning with `pip install -e .` from a full checkout.")
+        return str(folder)
     expanded = os.path.expanduser(pretrained)
     if os.path.isdir(expanded):
         missing = [p for p in _PARTS if not os.path.isdir(os.path.join(expanded, p))]
@@ -58,11 +69,11 @@ def resolve_pretrained(pretrained: str) -> str:
 def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> StableDiffusionPipeline:
     """The stock `StableDiffusionPipeline` for `pretrained` (safety checker off), in fp32 on the CPU."""
     source = resolve_pretrained(pretrained)
-    if source in BUILT_IN:
-        return BUILT_IN[source]()
+    if source == TINY:
+        return tiny_pipeline()
     try:
         return StableDiffusionPipeline.from_pretrained(
-            source, revision=revision, safety_checker=None, requires_safety_checker=False)
+            source, revision=revision, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     except OSError as error:  # offline, not cached, gated, or a typo in a hub id
         raise FileNotFoundError(f"Could not load {source!r}: {error}. {_hint(pretrained)}") from error
 

@@ -8,7 +8,7 @@ word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-wor
 
 Exports are what diffusers' Custom Diffusion example writes: `pytorch_custom_diffusion_weights.safetensors` and one
 `<token>.safetensors` per modifier token. diffusers' own `unet.load_attn_procs` silently installs nothing for these
-files (huggingface/diffusers#9320), so `load_custom_diffusion` installs the processors itself.
+files (huggingface/diffusers#9320), so `tea_lightning.adapters.load_custom_diffusion` installs the processors itself.
 """
 
 from __future__ import annotations
@@ -17,104 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
-from safetensors.torch import load_file
 from torch import nn
 
 from tea_lightning import export
+from tea_lightning.adapters import cross_attentions, custom_diffusion_processor
 from tea_lightning.data import TrainingConcept, as_training_concepts
 from tea_lightning.module import DiffusionModule
-from tea_lightning.textual_inversion import LearnedTokens, add_new_tokens, single_token_id
-
-CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
-
-
-def cross_attentions(unet: nn.Module) -> dict[str, Attention]:
-    """The UNet's cross-attention modules (`…attn2`) by name."""
-    return {name: m for name, m in unet.named_modules() if isinstance(m, Attention) and m.is_cross_attention}
-
-
-def custom_diffusion_processor(attn: Attention, train_q_out: bool, out_bias: bool = True,
-                               train_kv: bool = True) -> CustomDiffusionAttnProcessor2_0:
-    """A Custom Diffusion processor for `attn` holding copies of its projections (fp32, trainable)."""
-    processor = CustomDiffusionAttnProcessor2_0(
-        train_kv=train_kv, train_q_out=train_q_out, hidden_size=attn.to_k.out_features,
-        cross_attention_dim=attn.to_k.in_features, out_bias=out_bias and attn.to_out[0].bias is not None)
-    with torch.no_grad():
-        copies = {"to_k_custom_diffusion.weight": attn.to_k.weight, "to_v_custom_diffusion.weight": attn.to_v.weight,
-                  "to_q_custom_diffusion.weight": attn.to_q.weight,
-                  "to_out_custom_diffusion.0.weight": attn.to_out[0].weight,
-                  "to_out_custom_diffusion.0.bias": attn.to_out[0].bias}
-        for name, tensor in processor.state_dict(keep_vars=True).items():
-            tensor.copy_(copies[name].float())
-    return processor.to(attn.to_k.weight.device)
-
-
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unpickling refusal gets the same advice
-        raise ValueError(f"{str(path)!r} could not be read as plain tensors ({error}); it is loaded with "
-                         "torch.load(weights_only=True) only, never unpickled in full. Re-save it as "
-                         "safetensors.") from error
-
-
-def load_custom_diffusion(unet: nn.Module, path: str | Path) -> list[str]:
-    """Install the Custom Diffusion processors of a weights file into `unet`; return the attention modules changed.
-
-    Every key is checked against the UNet before anything is installed: a file for another base model is refused,
-    naming the first key that does not fit. The modifier tokens load with diffusers'
-    `pipe.load_textual_inversion(folder / "<new1>.safetensors", token="<new1>")`.
-
-    Args:
-        unet: The UNet to change (e.g. `pipe.unet`).
-        path: `pytorch_custom_diffusion_weights.safetensors` (or `.bin`), or the export folder holding it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CUSTOM_DIFFUSION_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"No Custom Diffusion weights at {str(path)!r}; give the export folder or the "
-                                f"{CUSTOM_DIFFUSION_WEIGHTS} file.")
-    return install_custom_diffusion_weights(unet, _read_weights(path), where=repr(str(path)))
-
-
-def install_custom_diffusion_weights(unet: nn.Module, state: dict[str, torch.Tensor], where: str) -> list[str]:
-    """Install Custom Diffusion processors from `unet.save_attn_procs` keys into `unet`; return the attention modules
-    changed. Every key is checked against the UNet before anything is installed, naming the first that does not fit
-    (`where` names the source in errors)."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state.items():
-        name, found, param = key.partition(".processor.")
-        if not found:
-            raise ValueError(f"{where}: key {key!r} is not a Custom Diffusion processor weight "
-                             "(<attention>.processor.to_k_custom_diffusion.weight, ...).")
-        groups.setdefault(name, {})[param] = tensor
-    modules = dict(unet.named_modules())
-    processors = {}
-    for name, tensors in sorted(groups.items()):
-        attn = modules.get(name)
-        if not isinstance(attn, Attention):
-            raise ValueError(f"{where}: key {name}.processor.* names no attention module of this UNet; the file "
-                             "was trained for another base model.")
-        processor = custom_diffusion_processor(
-            attn, train_q_out="to_q_custom_diffusion.weight" in tensors,
-            out_bias="to_out_custom_diffusion.0.bias" in tensors, train_kv="to_k_custom_diffusion.weight" in tensors)
-        expected = processor.state_dict()
-        for param in sorted(set(expected) | set(tensors)):
-            want, got = expected.get(param), tensors.get(param)
-            if want is None or got is None or want.shape != got.shape:
-                raise ValueError(
-                    f"{where}: key {name}.processor.{param} has shape {None if got is None else list(got.shape)} "
-                    f"but this UNet needs {None if want is None else list(want.shape)}. The file was trained for "
-                    "another base model (e.g. SD 1.x vs 2.x); load it into that one.")
-        processor.load_state_dict(tensors)
-        processors[name] = processor.to(device=attn.to_k.weight.device, dtype=attn.to_k.weight.dtype)
-    for name, processor in processors.items():
-        modules[name].set_processor(processor)
-    return sorted(processors)
+from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id
 
 
 class CustomDiffusion(DiffusionModule):
@@ -199,7 +108,7 @@ class CustomDiffusion(DiffusionModule):
     def export(self, folder: Path, step: int) -> None:
         weights = {name.removeprefix("unet."): tensor.float() for name, tensor in self.trainable_state_dict().items()
                    if name.startswith("unet.")}
-        export.write_safetensors(weights, folder / CUSTOM_DIFFUSION_WEIGHTS)
+        export.write_safetensors(weights, folder / export.CUSTOM_DIFFUSION_WEIGHTS)
         for token, modifier in zip(self.modifier_tokens, self.modifiers, strict=True):
             export.write_safetensors({token: modifier.vectors[0].detach().float()}, folder / f"{token}.safetensors")
         concepts = [{"modifier_token": t, "keyword": k, "concept_word": w}

@@ -20,15 +20,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
+from tea_lightning.images import image_paths, load_images
 from tea_lightning.prompt_sets import SLOT, check_template, fill
+from tea_lightning.seeding import sample_seed
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 # Custom Diffusion's resize augmentation names what it did in the prompt.
 FAR_PREFIXES = ("a far away ", "very small ")
 NEAR_PREFIXES = ("zoomed in ", "close up ")
@@ -54,61 +53,6 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "a photo of one {}", "a face of a {}", "a close-up portrait of the {}", "a photo of the {} face",
     ),
 }
-
-
-def _fail_image(path: Path, error: Exception) -> ValueError:
-    return ValueError(f"Cannot read image {str(path)!r} ({error}). Remove or replace the file, then run again.")
-
-
-def read_image(path: Path) -> Image.Image:
-    """An image file as RGB with its EXIF orientation applied; an unreadable file is an error naming it."""
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise _fail_image(path, error) from error
-
-
-def require_image_paths(folder: str | Path, what: str, missing_fix: str, empty_fix: str) -> list[Path]:
-    """`image_paths(folder)`, where a missing folder, or one without images, is an error naming `what`, the folder
-    and the fix."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what} {str(folder)!r} does not exist. {missing_fix}")
-    paths = image_paths(folder)
-    if not paths:
-        raise ValueError(f"{what} {str(folder)!r} holds no {', '.join(IMAGE_SUFFIXES)} images. {empty_fix}")
-    return paths
-
-
-def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
-    """Every image in `folder` (EXIF orientation applied, RGB), shorter side resized to `resolution` and
-    center-cropped, as uint8 `[N, 3, resolution, resolution]`. Errors name the folder or file and the fix."""
-    paths = require_image_paths(folder, "Image folder", missing_fix="Point data.instance_dir at a folder of images.",
-                                empty_fix="Add 3-20 photos of the concept.")
-    images = []
-    for path in paths:
-        image = read_image(path)
-        scale = resolution / min(image.size)
-        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # [3, H, W] uint8
-    return torch.stack(images)
-
-
-def image_paths(folder: str | Path) -> list[Path]:
-    """The images in `folder`, sorted by name (none when the folder does not exist)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
-def sample_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, index, ...): nearby indices get unrelated streams."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def resize_augment(pixels: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -11,54 +11,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
 from tea_lightning import export
-from tea_lightning.data import sample_seed
+from tea_lightning.adapters import diffusers_lora_layers
 from tea_lightning.module import DiffusionModule
+from tea_lightning.seeding import sample_seed
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-
-
-def diffusers_lora_layers(model: torch.nn.Module, scale: float) -> dict[str, torch.Tensor]:
-    """The model's LoRA tensors with diffusers' key names, `scale` (lora_alpha / rank) folded into the up weights:
-    readers assume lora_alpha = rank, and up·down·scale is what the adapter adds."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
-    return {k: (v.float() * scale if ".up." in k else v.float()).cpu() for k, v in layers.items()}
-
-
-def check_lora_shapes(path: str | Path, pipe) -> None:
-    """Refuse a LoRA file whose tensors do not fit `pipe`'s UNet and text encoder, naming the first misfit.
-
-    diffusers' `load_lora_weights` reports a wrong base model only deep inside peft; this says which key and what to
-    do. Layer names follow formats.md: `unet.<module>.lora.{down,up}.weight`,
-    `text_encoder.<module>.lora_linear_layer.{down,up}.weight`.
-    """
-    state = load_file(str(path))
-    parts = {"unet": dict(pipe.unet.named_modules()), "text_encoder": dict(pipe.text_encoder.named_modules())}
-    for key, tensor in state.items():
-        prefix, _, rest = key.partition(".")
-        for marker in (".lora.down.", ".lora.up.", ".lora_linear_layer.down.", ".lora_linear_layer.up."):
-            if marker in rest:
-                name, kind = rest.split(marker)[0], marker.strip(".").split(".")[-1]
-                break
-        else:
-            continue  # kohya keys and alphas: left to diffusers' own converter
-        layer = parts.get(prefix, {}).get(name)
-        layer = getattr(layer, "base_layer", layer)
-        if not isinstance(layer, torch.nn.Linear):
-            raise ValueError(f"LoRA file {str(path)!r}: key {key!r} names no linear layer of this model's {prefix}. "
-                             "It was trained for another base model; load it into that one.")
-        expected = (tensor.shape[0], layer.in_features) if kind == "down" else (layer.out_features, tensor.shape[1])
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"LoRA file {str(path)!r}: key {key!r} has shape {list(tensor.shape)}, but this model's "
-                             f"layer needs {list(expected)}. It was trained for another base model (e.g. SD 1.x vs "
-                             "2.x); load it into that one.")
 
 
 class DreamBoothLoRA(DiffusionModule):
@@ -119,7 +79,7 @@ class DreamBoothLoRA(DiffusionModule):
         text_encoder = diffusers_lora_layers(self.text_encoder, self.lora_scale) if self.trains_text_encoder else None
         # The stock writer names the keys; our save function makes the write atomic and refuses NaN.
         StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=unet, text_encoder_lora_layers=text_encoder, weight_name=LORA_WEIGHTS,
+            folder, unet_lora_layers=unet, text_encoder_lora_layers=text_encoder, weight_name=export.LORA_WEIGHTS,
             save_function=lambda tensors, path: export.write_safetensors(tensors, Path(path), {"format": "pt"}))
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
                               concept_word=self.concept_word, step=step, identifier=self.identifier,

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tea_lightning import drift
-from tea_lightning.callbacks.drift import (
+from tea_lightning.components import resolve_pretrained
+from tea_lightning.drift_measure import (
     SETS_PREFIX,
     VECTOR_PREFIX,
     contextual_templates,
@@ -40,10 +41,10 @@ from tea_lightning.callbacks.drift import (
     load_prompt_set,
     vocabulary_norms,
 )
-from tea_lightning.components import BUILT_IN, resolve_pretrained
 from tea_lightning.export import DIFFUSERS_TI, TEA_JSON, read_tea_json, write_bytes, write_json
 from tea_lightning.prompt_sets import fill
-from tea_lightning.textual_inversion import add_new_tokens, placeholder_tokens, single_token_id
+from tea_lightning.tiny import TINY, tiny_pipeline
+from tea_lightning.tokens import add_new_tokens, placeholder_tokens, single_token_id
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
@@ -107,14 +108,14 @@ def load_text_parts(base_model: str) -> tuple[Any, torch.nn.Module]:
     """Tokenizer and text encoder of `base_model` (a hub id, a local diffusers folder or a built-in such as `tiny` or
     `mini`), nothing else."""
     source = resolve_pretrained(base_model)
-    if source in BUILT_IN:
-        pipe = BUILT_IN[source]()
+    if source == TINY:
+        pipe = tiny_pipeline()
         return pipe.tokenizer, pipe.text_encoder
     from transformers import CLIPTextModel, CLIPTokenizer
 
     try:
         return (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-                CLIPTextModel.from_pretrained(source, subfolder="text_encoder"))
+                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32))
     except OSError as error:
         raise FileNotFoundError(f"could not load the tokenizer and text encoder of base_model={base_model!r} named "
                                 f"in tea.json: {error}") from error

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,11 +18,19 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+# The file names stock diffusers writes and looks for.
 DIFFUSERS_TI = "learned_embeds.safetensors"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 TEA_JSON = "tea.json"
 FORMAT_VERSION = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask: temporary files are private, finished ones get the usual modes
+
+
+def file_stem(keyword: str) -> str:
+    """A file name for a keyword: `<pink-star>` → `pink-star`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", keyword).strip("-.") or "embedding"
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:

@@ -47,11 +47,11 @@ from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
 from tea_lightning.checkpoints import Concept, Personalized
-from tea_lightning.data import sample_seed
 from tea_lightning.export import write_json, write_png
 from tea_lightning.prompt_sets import SLOT, check_template
+from tea_lightning.seeding import sample_seed
 from tea_lightning.tea import adjust
-from tea_lightning.textual_inversion import LearnedTokens
+from tea_lightning.tokens import LearnedTokens
 
 SCHEDULERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler,
               "euler_a": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler, "ddpm": DDPMScheduler}

@@ -18,9 +18,9 @@ import torch.utils.checkpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from tea_lightning.components import DEFAULT_MODEL, load_components
-from tea_lightning.data import SLOT, sample_seed
-from tea_lightning.prompt_sets import fill
+from tea_lightning.prompt_sets import SLOT, fill
 from tea_lightning.regularizers import Regularizer, check_regularizers
+from tea_lightning.seeding import sample_seed
 from tea_lightning.speed import DEFAULT_SPEED, LatentCache, Speed, fused, prepare
 
 # Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across

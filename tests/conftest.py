@@ -24,6 +24,16 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untrained_world(tmp_path_factory) -> Path:
+    """`python -m tea_lightning.mini.world new FOLDER`: the mini architecture with seeded random weights."""
+    from tea_lightning.mini.world import main
+
+    folder = tmp_path_factory.mktemp("mini-untrained")
+    main(["new", str(folder)])
+    return folder
+
+
+@pytest.fixture(scope="session")
 def drift_run(tmp_path_factory):
     """A 4-step tiny Textual Inversion run with the drift callbacks and exports every 2 steps, shared by the drift
     callback and report tests. Returns (run folder, {step: logged metrics}, module)."""

@@ -65,12 +65,13 @@ data:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_instantiates(config: Path, tiny_dir, monkeypatch):
+def test_every_shipped_config_instantiates(config: Path, tiny_dir, untrained_world, monkeypatch):
     monkeypatch.chdir(ROOT)
-    if "SceneDataModule" in config.read_text():  # training a world from scratch: built-in model, generated data
-        from tea_lightning.full_finetune import main as full_finetune_cli
+    if "SceneDataModule" in config.read_text():  # training a world from scratch: an untrained world, generated data
+        from tea_lightning.mini.full_finetune import main as full_finetune_cli
 
-        cli = full_finetune_cli(["--config", str(config)], run=False)
+        cli = full_finetune_cli(["--config", str(config), "--model.init_args.pretrained", str(untrained_world)],
+                                run=False)
         assert cli.datamodule.train_dataloader() is not None
     else:
         # SD 1.5 configs point at the hub; the tiny model saved as a diffusers folder stands in for it offline.

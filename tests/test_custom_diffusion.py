@@ -17,10 +17,10 @@ from helpers import (
     star_data,
     trainable_names,
 )
+from tea_lightning.adapters import cross_attentions, load_custom_diffusion
 from tea_lightning.callbacks import Export
-from tea_lightning.custom_diffusion import CUSTOM_DIFFUSION_WEIGHTS, cross_attentions, load_custom_diffusion
 from tea_lightning.data import FAR_PREFIXES, NEAR_PREFIXES, TrainingConcept, resize_augment
-from tea_lightning.export import read_tea_json
+from tea_lightning.export import CUSTOM_DIFFUSION_WEIGHTS, read_tea_json
 from tea_lightning.module import masked_mean
 from tea_lightning.tiny import tiny_pipeline
 

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from helpers import STAR_IMAGES, star_data
-from tea_lightning.data import ConceptStream, load_images
+from tea_lightning.data import ConceptStream
+from tea_lightning.images import load_images
 
 
 def test_images_are_rgb_center_cropped_to_the_resolution(tmp_path):

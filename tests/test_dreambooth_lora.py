@@ -13,9 +13,9 @@ from helpers import (
     star_data,
     trainable_names,
 )
+from tea_lightning.adapters import check_lora_shapes
 from tea_lightning.callbacks import Export
-from tea_lightning.dreambooth_lora import LORA_WEIGHTS, check_lora_shapes
-from tea_lightning.export import read_tea_json
+from tea_lightning.export import LORA_WEIGHTS, read_tea_json
 from tea_lightning.tiny import tiny_pipeline
 
 

@@ -8,8 +8,8 @@ from diffusers import StableDiffusionPipeline
 
 from helpers import adamw, make_trainer
 from tea_lightning.components import load_components, load_pipeline
-from tea_lightning.mini import WEIGHTS_DIR, identity_vae, sample, world_accuracy
-from tea_lightning.scenes import render, sample_scene, to_tensor
+from tea_lightning.mini.scenes import render, sample_scene, to_tensor
+from tea_lightning.mini.world import SHIPPED, identity_vae, sample, world_accuracy
 
 
 def test_the_mini_vae_returns_the_pixels_it_is_given():
@@ -23,12 +23,12 @@ def test_the_mini_vae_returns_the_pixels_it_is_given():
         assert (vae.decode(latents).sample - images).abs().max() < 1e-3
 
 
-def test_full_fine_tuning_trains_the_unet_and_text_encoder_and_exports_a_stock_pipeline(tmp_path):
+def test_full_fine_tuning_trains_the_unet_and_text_encoder_and_exports_a_stock_pipeline(tmp_path, untrained_world):
     from tea_lightning.callbacks import Export
-    from tea_lightning.full_finetune import FullFineTune
-    from tea_lightning.scenes import SceneDataModule
+    from tea_lightning.mini.full_finetune import FullFineTune
+    from tea_lightning.mini.scenes import SceneDataModule
 
-    module = FullFineTune(pretrained="mini-untrained", optimizer=adamw(1e-3))
+    module = FullFineTune(pretrained=str(untrained_world), optimizer=adamw(1e-3))
     before_unet = module.unet.conv_in.weight.detach().clone()
     before_text = module.text_encoder.get_input_embeddings().weight.detach().clone()
     before_vae = module.vae.encoder.conv_in.weight.detach().clone()
@@ -45,10 +45,10 @@ def test_full_fine_tuning_trains_the_unet_and_text_encoder_and_exports_a_stock_p
     assert parts.noise_scheduler.config.prediction_type == "sample"
 
 
-def test_full_fine_tuning_refuses_data_without_captions():
-    from tea_lightning.full_finetune import FullFineTune
+def test_full_fine_tuning_refuses_data_without_captions(untrained_world):
+    from tea_lightning.mini.full_finetune import FullFineTune
 
-    module = FullFineTune(pretrained="mini-untrained")
+    module = FullFineTune(pretrained=str(untrained_world))
     with pytest.raises(ValueError, match="caption"):
         module.batch_prompts({"template": ["a photo of a {}"]})
 
@@ -61,8 +61,8 @@ def mini():
 def test_pretrained_mini_loads_the_shipped_fp16_weights_as_a_stock_fp32_pipeline(mini):
     assert isinstance(mini, StableDiffusionPipeline)
     assert mini.unet.dtype == torch.float32 and mini.text_encoder.dtype == torch.float32
-    assert any(p.suffix == ".safetensors" for p in WEIGHTS_DIR.rglob("*"))
-    size = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert any(p.suffix == ".safetensors" for p in SHIPPED.rglob("*"))
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size < 12e6, f"package data should stay a few MB, is {size / 1e6:.1f} MB"
     prompt = "a small pink star next to a green square on a blue background"
     ids = mini.tokenizer(prompt).input_ids
@@ -91,15 +91,16 @@ def test_mini_samples_are_reproducible_per_image(mini):
 
 
 def test_the_documented_world_training_command_parses_its_config():
-    # `python -m tea_lightning.full_finetune` runs the module as `__main__`; if the CLI used that copy's classes,
-    # the config's `tea_lightning.full_finetune.FullFineTune` would be refused as "not a subclass" (docs/mini_world.md).
+    # `python -m tea_lightning.mini.full_finetune` runs the module as `__main__`; if the CLI used that copy's
+    # classes, the config's `tea_lightning.mini.full_finetune.FullFineTune` would be refused as "not a subclass"
+    # (docs/mini_world.md).
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).parents[1]
     result = subprocess.run(
-        [sys.executable, "-m", "tea_lightning.full_finetune", "fit", "--config", "configs/mini_world.yaml",
+        [sys.executable, "-m", "tea_lightning.mini.full_finetune", "fit", "--config", "configs/mini_world.yaml",
          "--model.init_args.snr_gamma", "5", "--print_config"], cwd=root, capture_output=True, text=True,
         timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -4,8 +4,8 @@ import csv
 
 import pytest
 
-from tea_lightning.mini_experiment import CURVE_COLUMNS, SIZES, SWEEP_COLUMNS, context_hit, requested, run
-from tea_lightning.readout import Reading
+from tea_lightning.mini.experiment import CURVE_COLUMNS, SIZES, SWEEP_COLUMNS, context_hit, requested, run
+from tea_lightning.mini.readout import Reading
 
 
 def test_ci_sized_experiment_writes_curves_sweep_plots_grid_and_summary(tmp_path):

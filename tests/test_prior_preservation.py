@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import STAR_IMAGES, lora_module, make_trainer, star_data, ti_module
 from tea_lightning.class_images import ensure_class_images
-from tea_lightning.data import load_images
+from tea_lightning.images import load_images
 
 GENERATE = dict(pretrained="tiny", resolution=64, batch_size=2, steps=2)
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tea_lightning.readout import accuracy, load_readout, read, scene_batch
-from tea_lightning.scenes import Scene, Thing, render, to_tensor
+from tea_lightning.mini.readout import accuracy, load_readout, read, scene_batch
+from tea_lightning.mini.scenes import Scene, Thing, render, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -31,5 +31,5 @@ def test_readout_sees_a_pink_star_beside_a_green_square_on_blue(readout):
 
 
 def test_missing_readout_weights_name_the_command_that_retrains_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m tea_lightning.readout"):
+    with pytest.raises(FileNotFoundError, match="python -m tea_lightning.mini.readout"):
         load_readout(tmp_path / "nope.safetensors")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tea_lightning.scenes import (
+from tea_lightning.mini.scenes import (
     COLOUR_NAMES,
     COLOURS,
     CONCEPT,

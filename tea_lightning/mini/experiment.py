@@ -1,7 +1,7 @@
 """The paper's story in miniature, measured offline on the `mini` world: one command, one report.
 
-    python -m tea_lightning.mini_experiment --out docs/mini_experiment          # full run (CPU, tens of minutes)
-    python -m tea_lightning.mini_experiment --out /tmp/ci --size ci             # a few minutes at most
+    python -m tea_lightning.mini.experiment --out docs/mini_experiment          # full run (CPU, tens of minutes)
+    python -m tea_lightning.mini.experiment --out /tmp/ci --size ci             # a few minutes at most
 
 It trains Textual Inversion of the pink star (`examples/pink_star/`, a concept the world never saw) on `mini`,
 exporting the learned vector every few steps, and for each export measures
@@ -10,7 +10,7 @@ exporting the learned vector every few steps, and for each export measures
   ``star`` (the paper's Figure 4: norm, norm ratio, cosine and angle, cosine to its start, norm percentile among the
   vocabulary) and the contextual set distances (Figure 2: d(P(V*), P(c)), d(P(V*), P(V*)), d(P(V*), S(V*)), one
   vector per sentence, the last position) with the world's own prompt sets (`tea_lightning/prompts/mini/`);
-- by the readout (`tea_lightning.readout`), on images of the evaluation prompts (`prompts/mini/eval_pink_star.csv`)
+- by the readout (`tea_lightning.mini.readout`), on images of the evaluation prompts (`prompts/mini/eval_pink_star.csv`)
   made through `tea_lightning.inference.generate`, without TEA and with TEA at rho=0.2, alpha=0.5: **context
   accuracy** (the share of images showing every requested background and second object), **concept
   fidelity** (the share showing a pink star) and **concept colour** (the share showing anything pink);
@@ -31,18 +31,27 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import lightning as L
 import torch
+from PIL import Image
 
+from tea_lightning.callbacks import Export, StepProgressBar
+from tea_lightning.data import ConceptDataModule
 from tea_lightning.drift_report import COLUMNS as DRIFT_COLUMNS
+from tea_lightning.drift_report import drift_report
+from tea_lightning.inference import generate
+from tea_lightning.mini.readout import load_readout, pil_batch, read
+from tea_lightning.mini.scenes import COLOUR_NAMES, CONCEPT, SHAPES
 from tea_lightning.prompt_sets import PROMPTS_DIR, load_eval_csv
-from tea_lightning.scenes import COLOUR_NAMES, CONCEPT, SHAPES
+from tea_lightning.textual_inversion import TextualInversion
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONCEPT_IMAGES = ROOT / "examples" / "pink_star"
 KEYWORD, CONCEPT_WORD = "<pink-star>", "star"
 MINI_PROMPTS = PROMPTS_DIR / "mini"
@@ -100,10 +109,6 @@ def context_hit(reading, context: str) -> bool:
 
 def score_images(records, prompts, readout) -> dict[str, dict[str, float]]:
     """Context accuracy and concept fidelity per setting tag, read from the images `generate` wrote."""
-    from PIL import Image
-
-    from tea_lightning.readout import pil_batch, read
-
     by_tag: dict[str, list] = {}
     for record in records:
         by_tag.setdefault(record.tag, []).append(record)
@@ -128,13 +133,6 @@ def score_images(records, prompts, readout) -> dict[str, dict[str, float]]:
 
 def train_concept(work: Path, size: Size, seed: int) -> Path:
     """Textual Inversion of the pink star on `mini`; returns the run's exports folder."""
-    import functools
-
-    import lightning as L
-
-    from tea_lightning.callbacks import Export, StepProgressBar
-    from tea_lightning.data import ConceptDataModule
-    from tea_lightning.textual_inversion import TextualInversion
 
     module = TextualInversion(concept_word=CONCEPT_WORD, placeholder=KEYWORD, pretrained="mini", seed=seed,
                               optimizer=functools.partial(torch.optim.AdamW, lr=size.lr, weight_decay=0.0))
@@ -158,8 +156,6 @@ def run(out: str | Path, size: str = "full", work: str | Path | None = None, see
         shutil.rmtree(work)  # a fresh run: exports and images of another size must not mix in
     out.mkdir(parents=True, exist_ok=True)
 
-    from tea_lightning.inference import generate
-    from tea_lightning.readout import load_readout
 
     readout = load_readout()
     prompts = load_eval_csv(MINI_PROMPTS / "eval_pink_star.csv")[: s.prompts]
@@ -168,7 +164,6 @@ def run(out: str | Path, size: str = "full", work: str | Path | None = None, see
     steps = sorted(int(p.name.split("-")[1]) for p in exports.glob("step-*"))
     # The text side, by the drift report: vector drift (Figure 4) and contextual set distances (Figure 2) of every
     # export, with the world's own sentences about a star.
-    from tea_lightning.drift_report import drift_report
 
     report = drift_report(str(work / "ti"), prompt_set=str(MINI_PROMPTS / "contextual_star.txt"),
                           simple_set=str(MINI_PROMPTS / "simple.txt"), device="cpu", out=str(out / "drift"))
@@ -218,8 +213,6 @@ def _write_csv(path: Path, columns, rows) -> None:
 
 def _grid(folder: Path, path: Path, prompts: int) -> None:
     """The per-prompt grids `generate` wrote (baseline | TEA columns), side by side."""
-    from PIL import Image
-
     grids = [Image.open(folder / f"grid-p{p:03d}.png").convert("RGB") for p in range(prompts)]
     sheet = Image.new("RGB", (sum(g.width for g in grids) + 8 * (len(grids) - 1), max(g.height for g in grids)),
                       "white")
@@ -277,7 +270,7 @@ def _summary(out: Path, size: str, s: Size, guidance: float, seed: int, curves, 
 
     text = [
         "# The paper's story in miniature (mini world)", "",
-        f"`python -m tea_lightning.mini_experiment --size {size}` (seed {seed}): Textual Inversion of `{KEYWORD}` "
+        f"`python -m tea_lightning.mini.experiment --size {size}` (seed {seed}): Textual Inversion of `{KEYWORD}` "
         f"(initialised from `{CONCEPT_WORD}`) on `mini`, {s.steps} steps at lr {s.lr:g}, batch 4, 32 px; exports "
         f"every {s.every} steps. Images: {s.images} per prompt and setting, DPM-Solver {s.sample_steps} steps, "
         f"guidance {guidance:g}, scored by the readout. Prompts: " + "; ".join(f"`{t}`" for t in templates) + ".", "",

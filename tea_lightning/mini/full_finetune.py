@@ -1,10 +1,11 @@
 """Full fine-tuning (or training from scratch) of a whole text-to-image model on captioned images.
 
 This is how the built-in `mini` model was made: `configs/mini_world.yaml` trains the UNet and the text encoder of
-`mini-untrained` on `tea_lightning.scenes` through the same diffusion loss every personalisation method uses. The
-VAE stays frozen (mini's is a fixed identity map, so the UNet works on the pixels).
+an untrained world on `tea_lightning.mini.scenes` through the same diffusion loss every personalisation method uses.
+The VAE stays frozen (mini's is a fixed identity map, so the UNet works on the pixels).
 
-    python -m tea_lightning.full_finetune fit --config configs/mini_world.yaml
+    python -m tea_lightning.mini.world new runs/mini-untrained
+    python -m tea_lightning.mini.full_finetune fit --config configs/mini_world.yaml
 
 is the Lightning CLI of `train.py` with captioned data: any `LightningDataModule` named by `data.class_path`.
 """
@@ -24,7 +25,7 @@ from tea_lightning.module import DiffusionModule
 class FullFineTune(DiffusionModule):
     """Train every weight of the UNet (and, by default, of the text encoder) on captioned images.
 
-    Batches carry a ``caption`` per image (see `tea_lightning.scenes.SceneDataModule`); an empty caption is the
+    Batches carry a ``caption`` per image (see `tea_lightning.mini.scenes.SceneDataModule`); an empty caption is the
     unconditional prompt that classifier-free guidance needs. Exports are whole diffusers pipelines.
 
     Args:
@@ -47,7 +48,7 @@ class FullFineTune(DiffusionModule):
     def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
         if "caption" not in batch:
             raise ValueError("FullFineTune trains on captioned images: use a data module whose batches carry a "
-                             "'caption' per image, such as tea_lightning.scenes.SceneDataModule.")
+                             "'caption' per image, such as tea_lightning.mini.scenes.SceneDataModule.")
         return list(batch["caption"])
 
     def text_states(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -78,6 +79,6 @@ def main(args: list[str] | None = None, run: bool = True):
 
 if __name__ == "__main__":
     # Run the package's copy of this module: classes defined in `__main__` are not the ones the config names.
-    from tea_lightning.full_finetune import main as package_main
+    from tea_lightning.mini.full_finetune import main as package_main
 
     package_main()

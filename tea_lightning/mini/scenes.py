@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, default_collate
 
-from tea_lightning.data import ConceptStream, StepAlignedLoader, sample_seed, stream_position
+from tea_lightning.data import ConceptStream, StepAlignedLoader, stream_position
+from tea_lightning.seeding import sample_seed
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),

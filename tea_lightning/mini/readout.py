@@ -4,8 +4,8 @@ It is the miniature world's offline counterpart of CLIP scoring: for an image it
 which (shape, colour) objects are present, so "does the requested background / second object appear" (context
 accuracy) and "is there a pink star" (concept fidelity) become exact questions with yes/no answers.
 
-`load_readout()` returns the shipped classifier (`tea_lightning/models/readout.safetensors`, a few hundred KB);
-`python -m tea_lightning.readout` retrains it (about two minutes on one CPU core) and prints its accuracy on fresh
+`load_readout()` returns the shipped classifier (`tea_lightning/mini/readout.safetensors`, a few hundred KB);
+`python -m tea_lightning.mini.readout` retrains it (about two minutes on one CPU core) and prints its accuracy on fresh
 scenes from the generator.
 """
 
@@ -19,9 +19,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from tea_lightning.scenes import COLOUR_NAMES, SHAPES, labels, render, sample_scene, to_tensor
+from tea_lightning.export import write_safetensors
+from tea_lightning.mini.scenes import COLOUR_NAMES, SHAPES, labels, render, sample_scene, to_tensor
 
-WEIGHTS = Path(__file__).parent / "models" / "readout.safetensors"
+WEIGHTS = Path(__file__).parent / "readout.safetensors"
 RESOLUTION = 32
 
 
@@ -165,7 +166,7 @@ def load_readout(path: Path = WEIGHTS) -> Readout:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"Readout weights {str(path)!r} are missing; retrain them with "
-                                "`python -m tea_lightning.readout`.")
+                                "`python -m tea_lightning.mini.readout`.")
     model = Readout()
     model.load_state_dict({k: v.float() for k, v in load_file(path).items()})
     return model.eval()
@@ -177,7 +178,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--test", type=int, default=4000, help="fresh scenes to measure accuracy on")
     args = parser.parse_args(argv)
-    from tea_lightning.export import write_safetensors
 
     model = train_readout(steps=args.steps, log_every=250)
     write_safetensors({k: v.half() for k, v in model.state_dict().items()}, args.out)

@@ -1,30 +1,37 @@
-"""The built-in `mini` model: a small text-to-image model trained by tea-lightning itself on the scenes world.
+"""The world's model: a small text-to-image model trained by tea-lightning itself on the scenes world.
 
 It is a stock `StableDiffusionPipeline` at toy size, in pixel space: its `AutoencoderKL` has one block (scale
 factor 1, three latent channels) whose weights are set by hand so that decoding an encoding returns the image to
 about 1e-4, so the UNet denoises the 32-pixel RGB scenes themselves. The UNet and the CLIP text encoder were trained
-from scratch on `tea_lightning.scenes` with `configs/mini_world.yaml` (recipe and accuracy: docs/mini_world.md),
-and ship as package data (`tea_lightning/models/mini/`, fp16 safetensors, with the tokenizer they were trained with).
+from scratch on `tea_lightning.mini.scenes` with `configs/mini_world.yaml` (recipe and accuracy:
+docs/mini_world.md), and ship as package data (`tea_lightning/models/mini/`, fp16 safetensors, with the tokenizer
+they were trained with). `pretrained: mini` loads that folder like any other (`tea_lightning.components`).
 
-`pretrained: mini` loads the trained world; `pretrained: mini-untrained` builds the same architecture with seeded
-random weights, the starting point of `configs/mini_world.yaml`.
+    python -m tea_lightning.mini.world new runs/mini-untrained     # the architecture, seeded random weights
+    python -m tea_lightning.mini.world ship RUN/exports/final      # copy a trained world into package data (fp16)
+    python -m tea_lightning.mini.world evaluate [FOLDER]           # how often the world draws what it is asked
 """
 
 from __future__ import annotations
 
+import argparse
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from tea_lightning.components import BUILT_IN_FOLDERS, MINI, load_pipeline
+from tea_lightning.mini.readout import load_readout, read
+from tea_lightning.mini.scenes import COLOUR_NAMES, CONCEPT, HELD_OUT, SHAPES
+from tea_lightning.seeding import sample_seed
 from tea_lightning.tiny import MAX_LENGTH, tiny_tokenizer
 
-MINI = "mini"
-MINI_UNTRAINED = "mini-untrained"
 RESOLUTION = 32
 HIDDEN = 64
-WEIGHTS_DIR = Path(__file__).parent / "models" / "mini"  # a diffusers pipeline folder, fp16 safetensors
+SHIPPED = BUILT_IN_FOLDERS[MINI]  # the diffusers folder `pretrained: mini` loads
 
 # The identity VAE: a signed copy of the image and a constant pair keep every GroupNorm's statistics fixed.
 _SHIFT, _SPREAD = 20.0, 100.0
@@ -128,8 +135,9 @@ def _assemble(tokenizer, text_encoder, unet) -> StableDiffusionPipeline:
     )
 
 
-def mini_untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """The mini architecture with seeded random UNet and text encoder, and today's tiny tokenizer."""
+def untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The mini architecture with seeded random UNet and text encoder, and today's tiny tokenizer: the starting
+    point of `configs/mini_world.yaml` (`python -m tea_lightning.mini.world new FOLDER` writes it)."""
     tokenizer = tiny_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -137,10 +145,8 @@ def mini_untrained_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return _assemble(tokenizer, text_encoder, unet)
 
 
-def ship(export_folder: str | Path, folder: Path = WEIGHTS_DIR) -> Path:
+def ship(export_folder: str | Path, folder: Path = SHIPPED) -> Path:
     """Copy a trained world (a `FullFineTune` export folder, a diffusers pipeline) into package data as fp16."""
-    import shutil
-
     pipe = StableDiffusionPipeline.from_pretrained(Path(export_folder), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.to(torch.float16)
@@ -152,22 +158,9 @@ def ship(export_folder: str | Path, folder: Path = WEIGHTS_DIR) -> Path:
     return folder
 
 
-def mini_pipeline(folder: Path = WEIGHTS_DIR) -> StableDiffusionPipeline:
-    """The trained world, loaded from package data (fp16 on disk) in fp32 on the CPU."""
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"The mini model's weights are missing from {str(folder)!r}; reinstall tea-lightning (they are package "
-            "data), or train them with `python train.py fit --config configs/mini_world.yaml` and ship the final "
-            "export with `python -m tea_lightning.mini RUN/exports/final`.")
-    return StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
-
-
 def sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, steps: int = 20,
            guidance: float = 4.0, batch_size: int = 32) -> torch.Tensor:
     """Images `[N, 3, H, W]` in [-1, 1] for `prompts`, image i seeded by (seed, i) so any subset is reproducible."""
-    from tea_lightning.data import sample_seed
-
     pipe.set_progress_bar_config(disable=True)
     images = []
     for start in range(0, len(prompts), batch_size):
@@ -181,18 +174,12 @@ def sample(pipe: StableDiffusionPipeline, prompts: list[str], seed: int = 0, ste
 
 def held_out_prompts() -> list[tuple[str, str | None, str | None, str | None]]:
     """(prompt, colour, shape, background) for every held-out triple, in full caption form."""
-    from tea_lightning.scenes import HELD_OUT
-
     return [(f"a {c} {s} on a {b} background", c, s, b) for c, s, b in sorted(HELD_OUT)]
 
 
 def evaluation_cases(seed: int = 0) -> dict[str, list[tuple[str, str | None, str | None, str | None]]]:
     """Prompt sets the world's accuracy is reported on: held-out triples, seen triples, partial prompts (colour or
     background left out) and reordered ones ("a BG background with a COLOUR SHAPE")."""
-    import numpy as np
-
-    from tea_lightning.scenes import COLOUR_NAMES, CONCEPT, HELD_OUT, SHAPES
-
     rng = np.random.default_rng(seed)
     seen = [(c, s, b) for s in SHAPES for c in COLOUR_NAMES for b in COLOUR_NAMES
             if b != c and (c, s) != CONCEPT and (c, s, b) not in HELD_OUT]
@@ -212,8 +199,6 @@ def world_accuracy(pipe: StableDiffusionPipeline, cases: list[tuple[str, str | N
     """How often the world draws what `cases` ask for, by the readout: the share of images holding an object of
     the requested shape, of the requested colour, both on one object, and the requested background (None: not
     asked, not counted)."""
-    from tea_lightning.readout import load_readout, read
-
     readout = readout or load_readout()
     prompts = [case[0] for case in cases for _ in range(images_per_prompt)]
     readings = read(readout, sample(pipe, prompts, seed=seed, steps=steps, guidance=guidance))
@@ -231,13 +216,28 @@ def world_accuracy(pipe: StableDiffusionPipeline, cases: list[tuple[str, str | N
     return {key: sum(v) / len(v) for key, v in hits.items() if v}
 
 
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) >= 2 and sys.argv[1] == "evaluate":  # python -m tea_lightning.mini evaluate [FOLDER]
-        world = mini_pipeline(Path(sys.argv[2])) if len(sys.argv) > 2 else mini_pipeline()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="The mini world's model: make, ship or evaluate it.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    new = commands.add_parser("new", help="write the untrained architecture (seeded) as a diffusers folder")
+    new.add_argument("folder", type=Path)
+    new.add_argument("--seed", type=int, default=0)
+    ship_ = commands.add_parser("ship", help="copy a trained world (an export folder) into package data as fp16")
+    ship_.add_argument("export", type=Path)
+    evaluate = commands.add_parser("evaluate", help="how often the world draws what its prompts ask for")
+    evaluate.add_argument("folder", nargs="?", default=MINI, help="a world folder (default: the shipped mini)")
+    args = parser.parse_args(argv)
+    if args.command == "new":
+        untrained_pipeline(args.seed).save_pretrained(args.folder, safe_serialization=True)
+        print(args.folder)
+    elif args.command == "ship":
+        print(ship(args.export))
+    else:
+        world = load_pipeline(args.folder)
         for name, cases in evaluation_cases().items():
             print(name, {k: round(v, 3) for k, v in world_accuracy(world, cases, images_per_prompt=4).items()},
                   flush=True)
-    else:
-        print(ship(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()
