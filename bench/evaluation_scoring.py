@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tea_lightning import evaluation
+from tea_lightning import scoring
 
 SIZES = {
     "base": dict(clip=dict(text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -63,11 +63,11 @@ def build_models(size: str, root: Path) -> tuple[Path, Path]:
 
 
 def throughput(paths: list[Path], clip, dino, batch_size: int, workers: int | None, device: torch.device) -> float:
-    evaluation.encode_images(paths[:batch_size], clip, dino, batch_size, workers)  # warm-up (allocator, kernels)
+    scoring.encode_images(paths[:batch_size], clip, dino, batch_size, workers)  # warm-up (allocator, kernels)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    evaluation.encode_images(paths, clip, dino, batch_size, workers)
+    scoring.encode_images(paths, clip, dino, batch_size, workers)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(paths) / (time.perf_counter() - start)
@@ -85,8 +85,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         clip_dir, dino_dir = build_models(args.size, root)
-        clip = evaluation.ClipEncoder(evaluation.clip_source(str(clip_dir)), device)
-        dino = evaluation.DinoEncoder(evaluation.dino_source(str(dino_dir)), "mean", device)
+        clip = scoring.ClipEncoder(scoring.clip_source(str(clip_dir)), device)
+        dino = scoring.DinoEncoder(scoring.dino_source(str(dino_dir)), "mean", device)
         paths = []
         for i in range(args.images):
             pixels = np.random.default_rng(i).integers(0, 256, (512, 512, 3), dtype=np.uint8)

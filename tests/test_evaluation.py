@@ -1,8 +1,7 @@
-"""Evaluation: CLIP-T three ways, CLIP-I, DINO-I, the summary tables, reuse, bad input (tiny models, CPU)."""
+"""Evaluation end to end (tiny models, CPU): scores against a direct computation and torchmetrics, reuse, bad input."""
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +11,10 @@ from PIL import Image
 
 import evaluate as evaluate_cli
 from helpers import STAR_IMAGES
-from tea_lightning import evaluation
-from tea_lightning.evaluation import BASELINE, METRICS, evaluate, tea_tag
-from tea_lightning.prompt_sets import EvalPrompt, fill
+from tea_lightning import scoring
+from tea_lightning.evaluation import evaluate, tea_tag
+from tea_lightning.prompt_sets import fill
+from tea_lightning.summary import BASELINE
 
 KEYWORD = "<pink-star>"
 CSV_ROWS = [("a photo of a {} wearing glasses", "a {}", "wearing glasses"),
@@ -114,23 +114,6 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------------- the scores
 
 
-def test_clip_t_is_cosine_times_100_clamped_at_zero_and_image_alignment_averages_the_references():
-    a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
-    text = torch.tensor([[6.0, 8.0], [-1.0, 0.0], [1.0, 1.0]])
-    assert torch.allclose(evaluation.clip_t(a, text), torch.tensor([100.0, 0.0, 100 / math.sqrt(2)]))
-    refs = torch.tensor([[1.0, 0.0], [0.0, 5.0]])
-    expected = torch.tensor([(0.6 + 0.8) / 2, (1 + 0) / 2, (0 + 1) / 2]) * 100
-    assert torch.allclose(evaluation.image_alignment(a, refs), expected)
-    assert evaluation.image_alignment(-a[:1], refs[:1]).item() < 0, "image-image cosine is not clamped"
-
-
-def test_the_three_clip_t_texts_are_the_filled_template_and_the_csv_segments():
-    context = "wearing glasses and playing a guitar"
-    row = EvalPrompt(f"A photo of a {{}} {context}", "a {}", context)
-    assert evaluation.segment_texts(row, "man") == (
-        "A photo of a man wearing glasses and playing a guitar", "a man", "wearing glasses and playing a guitar")
-
-
 def _direct(clip_dir, dino_dir, pngs, texts, references, pooling):
     """The paper's numbers computed by hand from the same saved models (no evaluation code involved)."""
     from transformers import AutoImageProcessor, AutoModel, CLIPModel, CLIPTokenizer
@@ -226,66 +209,6 @@ def test_scores_csv_records_texts_without_the_keyword_and_the_generation_setting
     assert all(len(s) == 1 for s in seeds.values()), "baseline and TEA rows of one image share its seed"
 
 
-# ------------------------------------------------------------------------------------------------------ summary
-
-
-def _score_row(concept, tag, prompt, image, values, rho="", alpha=""):
-    row = dict(concept=concept, tag=tag, mode=BASELINE if tag == BASELINE else "tea", rho=rho, alpha=alpha,
-               prompt_index=prompt, image_index=image, seed=image, template=f"t{prompt} {{}}")
-    row.update(zip(METRICS, values, strict=True))
-    return row
-
-
-def test_summary_means_and_gaps_equal_a_hand_computation(tmp_path):
-    tea = tea_tag(0.2, 0.5)
-    rows = [  # concept a: prompt 0 has one image, prompt 1 three (so mean of prompt means != mean of images)
-        _score_row("a", BASELINE, 0, 0, [10, 20, 30, 40, 50]),
-        _score_row("a", BASELINE, 1, 0, [20, 20, 20, 20, 20]),
-        _score_row("a", BASELINE, 1, 1, [30, 30, 30, 30, 30]),
-        _score_row("a", BASELINE, 1, 2, [40, 40, 40, 40, 40]),
-        _score_row("a", tea, 0, 0, [12, 21, 33, 39, 45], 0.2, 0.5),
-        _score_row("a", tea, 1, 0, [22, 22, 22, 22, 22], 0.2, 0.5),
-        _score_row("a", tea, 1, 1, [32, 32, 32, 32, 32], 0.2, 0.5),
-        _score_row("a", tea, 1, 2, [42, 42, 42, 42, 42], 0.2, 0.5),
-        _score_row("b", BASELINE, 0, 0, [60, 60, 60, 60, 60]),
-        _score_row("b", tea, 0, 0, [70, 50, 60, 60, 60], 0.2, 0.5),
-    ]
-    scores = tmp_path / "scores.csv"
-    with scores.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    evaluation.write_summary(scores)
-    summary = read_csv(tmp_path / "summary.csv")
-
-    def get(level, concept, tag, metric, prompt=""):
-        match = [r for r in summary if (r["level"], r["concept"], r["tag"], r["prompt_index"]) ==
-                 (level, concept, tag, str(prompt))]
-        assert len(match) == 1, (level, concept, tag, prompt)
-        return float(match[0][metric])
-
-    assert get("prompt", "a", BASELINE, "clip_t_full", 1) == pytest.approx(30)
-    # concept a, CLIP-T full: baseline (10 + 30) / 2 = 20; TEA (12 + 32) / 2 = 22
-    assert get("concept", "a", BASELINE, "clip_t_full") == pytest.approx(20)
-    assert get("concept", "a", tea, "clip_t_full") == pytest.approx(22)
-    assert get("concept", "a", f"gap {tea}", "clip_t_full") == pytest.approx(2)
-    # overall = mean over concepts: baseline (20 + 60) / 2 = 40, TEA (22 + 70) / 2 = 46, gap 6
-    assert get("overall", "", BASELINE, "clip_t_full") == pytest.approx(40)
-    assert get("overall", "", tea, "clip_t_full") == pytest.approx(46)
-    assert get("overall", "", f"gap {tea}", "clip_t_full") == pytest.approx(6)
-    # CLIP-I (4th metric): a baseline (40 + 30) / 2 = 35, TEA (39 + 32) / 2 = 35.5; b 60 / 60; gap overall 0.25
-    assert get("overall", "", f"gap {tea}", "clip_i") == pytest.approx(0.25)
-    # DINO-I: a baseline (50 + 30) / 2 = 40, TEA (45 + 32) / 2 = 38.5; b 60 / 60; gap overall -0.75
-    assert get("overall", "", f"gap {tea}", "dino_i") == pytest.approx(-0.75)
-    # the standard deviation overall is over the concepts' means: baseline CLIP-T full stdev(20, 60)
-    assert float(next(r for r in summary if r["level"] == "overall" and r["tag"] == BASELINE)["clip_t_full_std"]) \
-        == pytest.approx(math.sqrt(800))
-    text = (tmp_path / "summary.md").read_text()
-    # overall gaps per metric: CLIP-T concept a 26.5 - 25, b 50 - 60: (1.5 - 10) / 2; context (2.5 + 0) / 2
-    assert "| gap (TEA rho=0.2 alpha=0.5 − baseline) | +6.00 | -4.25 | +1.25 | +0.25 | -0.75 |" in text
-    assert "## Per concept" in text and "Sweep" not in text
-
-
 # --------------------------------------------------------------------------------------------- full runs, reuse
 
 
@@ -312,7 +235,7 @@ def test_full_run_with_a_rho_sweep_and_two_concepts_writes_the_tables_and_plot_a
     def no_model(*args, **kwargs):
         raise AssertionError("a model was loaded although every score could be reused")
 
-    monkeypatch.setattr(evaluation, "ClipEncoder", no_model)
+    monkeypatch.setattr(scoring, "ClipEncoder", no_model)
     evaluate_cli.main(args)
     assert read_csv(out / "scores.csv") == rows
 
@@ -320,8 +243,8 @@ def test_full_run_with_a_rho_sweep_and_two_concepts_writes_the_tables_and_plot_a
     Image.new("RGB", (48, 40), "white").save(tmp_path / "star-b" / BASELINE / "p001-i000.png")
     monkeypatch.undo()
     encoded = []
-    original = evaluation.encode_images
-    monkeypatch.setattr(evaluation, "encode_images", lambda paths, *a, **k: encoded.append(len(paths)) or original(
+    original = scoring.encode_images
+    monkeypatch.setattr(scoring, "encode_images", lambda paths, *a, **k: encoded.append(len(paths)) or original(
         paths, *a, **k))
     evaluate_cli.main(args)
     assert encoded == [6, 1], "the references (6) and the one changed image"
