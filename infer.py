@@ -67,7 +67,8 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
         device: cuda, cpu, ...; default: cuda when present.
         dtype: auto is fp16 on CUDA and fp32 elsewhere.
     """
-    from tea_lightning.inference import generate, read_prompts_file
+    from tea_lightning.inference import generate
+    from tea_lightning.prompting import read_prompts_file
 
     prompts = list(prompt or []) + (read_prompts_file(prompts_file) if prompts_file else [])
     if not prompts:

@@ -24,8 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tea_lightning import scoring
-from tea_lightning.images import require_image_paths
 from tea_lightning.export import read_tea_json
+from tea_lightning.images import require_image_paths
 from tea_lightning.prompt_sets import PROMPTS_DIR, EvalPrompt, load_eval_csv
 from tea_lightning.summary import BASELINE, METRICS, format_cell, read_scores, write_scores, write_summary
 

@@ -10,9 +10,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
 from helpers import make_trainer, star_data, ti_module
-from tea_lightning import checkpoints, export
+from tea_lightning import checkpoints
 from tea_lightning.checkpoints import Concept, Personalized
-from tea_lightning.inference import Setting, encode, make_scheduler, parse_prompt, render_jobs
+from tea_lightning.export import CUSTOM_DIFFUSION_WEIGHTS, LORA_WEIGHTS
+from tea_lightning.inference import Setting, encode, make_scheduler, render_jobs
+from tea_lightning.prompting import parse_prompt
 from tea_lightning.tiny import HIDDEN, tiny_pipeline
 
 
@@ -58,7 +60,7 @@ def _save_lora(folder):
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(text)))
-    return folder / export.LORA_WEIGHTS
+    return folder / LORA_WEIGHTS
 
 
 def _custom_diffusion_unet():
@@ -105,7 +107,7 @@ def files(tmp_path_factory):
     save_file({"<new1>": vectors[0]}, token_file)  # Custom Diffusion modifier token: 1-D
 
     custom = root / "custom"
-    _custom_diffusion_unet().save_attn_procs(custom, weight_name=export.CUSTOM_DIFFUSION_WEIGHTS)
+    _custom_diffusion_unet().save_attn_procs(custom, weight_name=CUSTOM_DIFFUSION_WEIGHTS)
     save_file({"<new1>": vectors[0]}, custom / "<new1>.safetensors")
     (custom / "tea.json").write_text(json.dumps({"method": "custom_diffusion", "base_model": "tiny",
                                                  "keyword": "<new1> star", "concept_word": "star", "step": 5}))
@@ -211,11 +213,11 @@ def test_weights_of_another_width_name_both_widths(files, tmp_path):
     save_file({"<w>": _vectors(1, width=48)}, path)
     with pytest.raises(ValueError, match=r"48 wide.*'tiny' is 32 wide"):
         _load(path, concept_word="star")
-    weights = load_file(files["custom"] / export.CUSTOM_DIFFUSION_WEIGHTS)
+    weights = load_file(files["custom"] / CUSTOM_DIFFUSION_WEIGHTS)
     wide = {k: torch.zeros(v.shape[0], 48) if "to_k_" in k or "to_v_" in k else v for k, v in weights.items()}
-    save_file(wide, tmp_path / export.CUSTOM_DIFFUSION_WEIGHTS)
+    save_file(wide, tmp_path / CUSTOM_DIFFUSION_WEIGHTS)
     with pytest.raises(ValueError, match=r"read 48-wide text embeddings, but 'tiny' has 32-wide"):
-        _load(tmp_path / export.CUSTOM_DIFFUSION_WEIGHTS, concepts=["<new1> star=star"])
+        _load(tmp_path / CUSTOM_DIFFUSION_WEIGHTS, concepts=["<new1> star=star"])
 
 
 def test_unknown_missing_and_unsafe_files_say_what_is_accepted(tmp_path):

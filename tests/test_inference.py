@@ -11,14 +11,8 @@ from safetensors.torch import save_file
 
 from tea_lightning import checkpoints
 from tea_lightning.checkpoints import Concept, Personalized
-from tea_lightning.inference import (
-    Setting,
-    encode,
-    generate,
-    parse_prompt,
-    prompt_embeddings,
-    read_prompts_file,
-)
+from tea_lightning.inference import Setting, encode, generate, prompt_embeddings
+from tea_lightning.prompting import parse_prompt, read_prompts_file
 from tea_lightning.tea import adjust
 from tea_lightning.tiny import HIDDEN, tiny_pipeline
 
