@@ -211,6 +211,10 @@ def _read_lightning(path: Path, pretrained: str | None) -> Source:
     except pickle.UnpicklingError as error:
         raise ValueError(f"checkpoint={str(path)!r} holds Python objects beyond tensors; .ckpt files are only "
                          f"loaded with torch.load(weights_only=True). ({error})") from error
+    except (EOFError, RuntimeError) as error:  # empty or truncated: an interrupted save
+        reason = str(error) or type(error).__name__
+        raise ValueError(f"checkpoint={str(path)!r} is empty or truncated ({reason}); use another checkpoint of the "
+                         "run, or its export folder (exports/final).") from error
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     state = checkpoint.get("state_dict") or {}
     if not hparams or not state:
