@@ -153,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                   concepts=args.concept, concept_word=args.concept_word, concept_reduce=args.concept_reduce)
     for token in tokens:
         name = export.file_stem(token.token)
-        print(f"{token.token} (towards {token.concept_word!r}): {args.out}/webui/{name}.safetensors (AUTOMATIC1111/"
-              f"ComfyUI: write '{name}' in prompts), {args.out}/diffusers/{name}.safetensors (diffusers)")
+        print(f"{token.token} (towards {token.concept_word!r}, rho {args.rho:g}, alpha {args.alpha:g}): "
+              f"{args.out}/webui/{name}.safetensors for AUTOMATIC1111/ComfyUI (write '{name}' in prompts)"
+              + (f", {args.out}/diffusers/{name}.safetensors for diffusers" if len(token.rows) == 1 else ""))
 
 
 if __name__ == "__main__":
