@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
+from tea_lightning.adapters import adapters_disabled
 from tea_lightning.checkpoints import Personalized
 from tea_lightning.export import write_json, write_png
 from tea_lightning.prompting import Prompt, pairing, parse_prompt, token_spans
@@ -135,24 +136,6 @@ def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[Non
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """While inside, `model`'s peft adapters (LoRA) are off: the base encoder. Trainability is restored after."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
-    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
 
 @torch.no_grad()
