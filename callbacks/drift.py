@@ -227,7 +227,8 @@ class ContextualDrift(_EveryNSteps):
     encoded by the trained encoder and by the base encoder (adapters off): `drift_sets/base_paired_l2` (mean
     distance sentence by sentence, starts at 0) and `drift_sets/base_cosine` (starts at 1), the authors' two
     DreamBooth curves, and `drift_sets/base_<m>` for the four set distances (Hausdorff and KL start at 0). For a
-    method that learns neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift is zero by construction: that is logged once and nothing is encoded.
+    method that learns neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift is zero
+    by construction: that is logged once and nothing is encoded.
 
     Args:
         every_n_steps: Steps between measurements. Each encodes P(V*) and S(V*) (about 400 sentences); at 100 that
