@@ -145,12 +145,15 @@ def plot(csv_path: Path, png: Path, drift_csv: Path | None = None) -> bool:
         if points:
             first = points[0][1] or 1.0
             drift_axis.plot(*zip(*[(s, v / first) for s, v in points], strict=True), label=column)
-    drift_axis.set_title("text-space drift (relative to the first export)" if drift_rows else
-                         "text-space drift: run python -m tea_lightning.drift_report first")
-    drift_axis.set_xlabel("step")
-    drift_axis.grid(alpha=0.3)
+    drift_axis.set_title("text-space drift (relative to the first export)")
     if drift_rows:
+        drift_axis.set_xlabel("step")
+        drift_axis.grid(alpha=0.3)
         drift_axis.legend(fontsize=7)
+    else:  # say what to run instead of drawing empty axes
+        drift_axis.axis("off")
+        drift_axis.text(0.5, 0.5, "no drift report for this run:\npython -m tea_lightning.drift_report RUN",
+                        ha="center", va="center", fontsize=10, transform=drift_axis.transAxes)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     write_bytes(buffer.getvalue(), png)
