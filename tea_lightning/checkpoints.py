@@ -58,17 +58,23 @@ class Concept:
     `phrase` is what the tokenizer reads in the keyword's place: the keyword with each multi-vector token expanded
     (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself. `learned` says
     that the keyword holds learned token rows (Textual Inversion, Custom Diffusion), which TEA adjusts at token
-    level; a keyword without (a LoRA's "sks dog") is adjusted at prompt level.
+    level; a keyword without (a LoRA's "sks dog") is adjusted at prompt level. `target` is what stands in the
+    keyword's place in the prompt-level target prompt; None means the concept word.
     """
 
     keyword: str
     concept_word: str | None = None
     phrase: str | None = None
     learned: bool = False
+    target: str | None = None
 
     @property
     def text(self) -> str:
         return self.phrase or self.keyword
+
+    @property
+    def target_text(self) -> str:
+        return self.target or self.concept_word
 
 
 @dataclass
@@ -103,6 +109,34 @@ class Personalized:
     rows: list[LearnedRows]
     checkpoint: str
     base_model: str
+
+
+DEFAULT_RHO = 0.2  # the authors' rotation factor for Textual Inversion and Custom Diffusion
+DREAMBOOTH_RHO = 0.1  # and for DreamBooth (their run scripts, method.md §2)
+
+
+def modifier_targets(concepts: Sequence[Concept], learned: Sequence[str]) -> list[Concept]:
+    """Each concept with the prompt-level target the authors used for Custom Diffusion: only the learned tokens of
+    the keyword replaced by the concept word ("<new1> cat" → "cat cat"), so the target prompt has the prompt's
+    length and position i pairs with position i."""
+    result = []
+    for concept in concepts:
+        target = concept.keyword
+        for token in learned:  # whole words; a token may hold a space (AUTOMATIC1111's "pink star")
+            target = _token_pattern(token).sub(lambda _, word=concept.concept_word: word, target)
+        if target == concept.keyword:
+            raise ValueError(f"target='modifier' replaces the learned tokens of a keyword, and {concept.keyword!r} "
+                             "holds none (a DreamBooth identifier is not learned); use target='word'.")
+        result.append(replace(concept, target=target))
+    return result
+
+
+def default_rho(source: Source) -> float:
+    """The rotation factor the authors used for the method that wrote `source`: 0.1 for DreamBooth (a LoRA and no
+    learned token row), 0.2 otherwise."""
+    if source.module is not None:
+        return DREAMBOOTH_RHO if getattr(source.module, "method", None) == "dreambooth_lora" else DEFAULT_RHO
+    return DREAMBOOTH_RHO if source.lora is not None and not source.embeddings else DEFAULT_RHO
 
 
 # ----------------------------------------------------------------------------------------------- reading files
