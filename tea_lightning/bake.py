@@ -60,7 +60,9 @@ def bake_rows(pairs: Sequence[tuple[Tensor, Tensor]], rho: float, alpha: float) 
 
 
 def baked_tokens(model: Personalized, rho: float, alpha: float) -> list[BakedToken]:
-    """Every learned token of `model` with TEA applied, named as the tokenizer knows it."""
+    """Every learned token of `model` with TEA applied, named as the tokenizer knows it. One text encoder here, so
+    one (rows, concept row) pair per token; a model with two (SDXL) passes one pair per encoder to `bake_rows`, and
+    the files follow (`export.webui_embedding` writes `clip_l`/`clip_g`)."""
     tokens = []
     for rows in model.rows:
         token = model.pipe.tokenizer.convert_ids_to_tokens(rows.first_id)
