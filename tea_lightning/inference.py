@@ -11,6 +11,8 @@ TEA changes only the text embeddings; the images come from the stock `StableDiff
   with the concept word in its place are both encoded, and each position of the first is adjusted towards its
   partner in the second (`align="span"`: every token with its true counterpart; `align="position"`: position i
   with position i, as the authors did). The negative prompt is never adjusted.
+- **mixed** (a LoRA and an embedding together, `mode="auto"`): each concept at its own level. The learned rows are
+  adjusted while both prompts are encoded, and the target prompt replaces only the keywords without learned rows.
 
 Each image's initial noise comes from its own generator seeded from (seed, prompt index, image index), so baseline
 and TEA images of the same index start from the same noise whatever the batch; and both are made in identically
@@ -45,7 +47,7 @@ from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
 from tea_lightning.adapters import adapters_disabled
-from tea_lightning.checkpoints import Personalized
+from tea_lightning.checkpoints import Concept, Personalized
 from tea_lightning.export import write_json, write_png
 from tea_lightning.prompting import Prompt, pairing, parse_prompt, token_spans
 from tea_lightning.seeding import sample_seed
@@ -64,7 +66,8 @@ THUMBNAIL = 256  # grid cells are at most this many pixels wide
 class ImageRecord:
     """One generated image and how it was made (its sidecar JSON holds every field but `path`).
 
-    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt") are None for baseline images.
+    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt" | "mixed") are None for baseline
+    images.
     `prompt` is the prompt as given to the model (keyword filled in), `template` the same with `{}` in place of
     each keyword. With several concepts, `keyword` and `concept_word` list them joined by ", ".
     """
@@ -142,7 +145,8 @@ def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[Non
 def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: Setting, *, level: str = "token",
                       align: str = "span", target_encoder: str = "adapted",
                       concept_reduce: str = "error") -> Tensor:
-    """Text embeddings `[B, 77, D]` of `prompts` under `setting` (baseline or TEA at `level`)."""
+    """Text embeddings `[B, 77, D]` of `prompts` under `setting` (baseline or TEA at `level`: token, prompt or
+    mixed, see the module docstring)."""
     pipe = model.pipe
     texts = [p.model_text for p in prompts]
     if setting.rho is None:
@@ -150,9 +154,12 @@ def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: S
     if level == "token":
         with adjusted_rows(model, setting.rho, setting.alpha):
             return encode(pipe, texts)
-    embeds = encode(pipe, texts)  # [B, 77, D]
-    with adapters_disabled(pipe.text_encoder) if target_encoder == "base" else nullcontext():
-        target = encode(pipe, [p.target_text for p in prompts]).float()  # [B, 77, D]
+    if level == "mixed":
+        prompts = [p.without_learned() for p in prompts]
+    with adjusted_rows(model, setting.rho, setting.alpha) if level == "mixed" else nullcontext():
+        embeds = encode(pipe, texts)  # [B, 77, D]
+        with adapters_disabled(pipe.text_encoder) if target_encoder == "base" else nullcontext():
+            target = encode(pipe, [p.target_text for p in prompts]).float()  # [B, 77, D]
     weights = torch.stack([pairing(pipe.tokenizer, p, align, concept_reduce) for p in prompts]).to(target.device)
     paired = weights @ target  # [B, 77, D]: each position's partner in the target prompt
     adjusted = adjust(embeds, paired, setting.rho, setting.alpha)
@@ -222,6 +229,20 @@ def table(columns: Sequence[Sequence[Image.Image]], headers: Sequence[str], cell
 # ------------------------------------------------------------------------------------------------ generate
 
 
+def tea_level(concepts: Sequence[Concept], mode: str, kind: str) -> str:
+    """The level TEA runs at: `mode` token or prompt for every concept, or for auto each concept's own (token when
+    its keyword holds learned rows, prompt otherwise): "token", "prompt" or "mixed" when both meet."""
+    if mode == "prompt":
+        return "prompt"
+    without = [c.keyword for c in concepts if not c.learned]
+    if mode == "token" and without:
+        raise ValueError(f"mode='token' needs learned token rows, and the keyword(s) {without} of the {kind} have "
+                         "none; use mode 'auto' (each keyword at its own level) or 'prompt'.")
+    if not without:
+        return "token"
+    return "prompt" if len(without) == len(concepts) else "mixed"
+
+
 def check_factors(name: str, values: Sequence[float]) -> list[float]:
     values = list(values)
     if not values:
@@ -288,7 +309,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
         resolution: Image size in pixels (multiple of 8); default: the model's.
-        mode: auto (token level when a token row was learned, else prompt level), token or prompt.
+        mode: auto (each keyword at its own level: token when it holds learned rows, else prompt), token or
+            prompt.
         align: Prompt level: span (true counterparts) or position (the authors' position-by-position pairing).
         target_encoder: Prompt level: adapted (the fine-tuned text encoder, as the authors) or base (adapters off).
         target: Prompt level: what replaces the keyword in the target prompt. word: the concept word ("<new1> cat"
@@ -349,13 +371,10 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     parsed = [parse_prompt(p, model.concepts) for p in prompts]  # with multi-vector phrases
     for prompt in parsed:
         token_spans(pipe.tokenizer, prompt)
-    level = ("token" if model.rows else "prompt") if mode == "auto" else mode
-    if level == "token" and not model.rows:
-        raise ValueError(f"mode='token' needs a learned token row, and {source.path} (a {source.kind}) has none; "
-                         "use mode 'prompt' (or 'auto').")
-    if level == "prompt":
+    level = tea_level(model.concepts, mode, source.kind)
+    if level != "token":
         for prompt in parsed:
-            pairing(pipe.tokenizer, prompt, align, concept_reduce)
+            pairing(pipe.tokenizer, prompt.without_learned() if level == "mixed" else prompt, align, concept_reduce)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(torch_device)
     if dtype != "fp32":
@@ -420,7 +439,7 @@ def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: fl
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     prompts = [parse_prompt(t, model.concepts) for t in templates]
-    level = "token" if model.rows else "prompt"
+    level = tea_level(model.concepts, "auto", type(module).__name__)
     for prompt in prompts:
         pairing(pipe.tokenizer, prompt) if level == "prompt" else token_spans(pipe.tokenizer, prompt)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
