@@ -3,20 +3,19 @@
 LightningCLI's own handling (`LightningCLI._parse_ckpt_path`) applies the checkpoint's hyper-parameters over the
 run's configuration: a Textual Inversion config resumed from a DreamBooth-LoRA checkpoint silently trains
 DreamBooth-LoRA, and `--model.init_args.num_vectors 2` is silently replaced by the checkpoint's 1. Here the
-checkpoint is read once (tensors only: `torch.load(weights_only=True)`, so no pickled code runs) and compared with
-the run before any model is built or file written: another method, other settings, or a run that is already
-finished are refused with one message saying what differs and what to do. The run's configuration is then the one
+checkpoint is read once (tensors only: `export.load_pickle`, so no pickled code runs) and compared with the run
+before any model is built or file written: another method, other settings, or a run that is already finished are
+refused with one message saying what differs and what to do. The run's configuration is then the one
 that trains, and the one its `config.yaml` records.
 """
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
+from tea_lightning.export import load_pickle
 
 # Lightning resolves these names itself (`--ckpt_path last` resumes the newest checkpoint of the run folder).
 LIGHTNING_NAMES = ("last", "best", "hpc")
@@ -45,16 +44,7 @@ def read_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise ValueError(f"{where} is empty (0 bytes): its save was interrupted. Resume from an earlier checkpoint "
                          "of the run instead.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{where} holds Python objects beyond tensors, and checkpoints are only loaded with "
-                         "torch.load(weights_only=True) because unpickling can run arbitrary code. Resume from a "
-                         "checkpoint tea-lightning wrote.") from error
-    except (EOFError, RuntimeError, OSError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"{where} cannot be read ({first.split('. ')[0]}): it is truncated or not a PyTorch "
-                         "checkpoint. Resume from an earlier checkpoint of the run instead.") from error
+    checkpoint = load_pickle(path)  # tensors only: no pickled code runs
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), Mapping) \
             or "global_step" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(f"{where} is not a Lightning checkpoint of a tea-lightning run (it lacks hyper_parameters, "
