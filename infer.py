@@ -16,6 +16,8 @@ from typing import Literal
 
 from jsonargparse import CLI
 
+from tea_lightning.user_errors import run_command
+
 EPILOG = ("Example: python infer.py --checkpoint runs/demo/lightning_logs/version_0/exports/final --prompt \"a photo "
           "of <pink-star> on a beach\" --out samples/demo. List options take several values or repeat: --rho 0 0.1 "
           "0.2 --alpha 0.5 sweeps a grid; --concept \"<man>=man\" --concept \"<dog>=dog\" names two concepts.")
@@ -126,11 +128,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> None:
     CLI(infer, as_positional=False, args=normalize_argv(sys.argv[1:] if args is None else list(args)),
-        epilog=EPILOG)
+        epilog=EPILOG, exit_on_error=False)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to change
-        sys.exit(f"infer.py: error: {error}")
+    run_command(main, prog="infer.py")

@@ -56,8 +56,9 @@ class CollapseAlarm(L.Callback):
         self.stopped_at: int | None = None
         self._last_step = -1
 
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        """Refuse a method without learned token vectors or concept word (train.py calls this before the run folder
+        exists; `on_fit_start` again for runs started from Python)."""
         try:
             pl_module.learned_vectors()
         except NotImplementedError:
@@ -66,6 +67,10 @@ class CollapseAlarm(L.Callback):
         if not getattr(pl_module, "concept_word", None):
             raise ValueError(f"CollapseAlarm compares the keyword with its concept word, but this "
                              f"{type(pl_module).__name__} has none. Set model.init_args.concept_word.")
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_module(pl_module)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -110,7 +115,7 @@ class CollapseAlarm(L.Callback):
             rank_zero_warn(message, category=UserWarning)
             return
         path = self.checkpoint_path(trainer, step)
-        trainer.save_checkpoint(path)  # collective: every rank calls it, rank 0 writes
+        trainer.save_checkpoint(path, weights_only=False)  # collective: every rank calls it, rank 0 writes
         rank_zero_warn(f"{message} Stopping (action='stop'); checkpoint saved to {path}.", category=UserWarning)
         self.stopped_at = step
         trainer.should_stop = True

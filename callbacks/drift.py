@@ -269,11 +269,20 @@ class ContextualDrift(_EveryNSteps):
         self._p_concept: Tensor | None = None  # P(c), reused while the text encoder is frozen
         self._p_base: Tensor | None = None  # P(V*) under the base encoder (adapters off), which never changes
 
-    @override
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        """Refuse a method without a concept word, or whose concept word has no shipped contextual set when no
+        `prompt_set` is given (train.py calls this before the run folder exists; `setup` again)."""
         if pl_module.concept_word is None:
             raise ValueError(f"ContextualDrift needs the module's concept_word to fill P(c); "
                              f"{type(pl_module).__name__} has none. Set model.init_args.concept_word.")
+        if self.prompt_templates is None and (pl_module.trains_text_encoder or learns_token_vectors(pl_module)):
+            self.prompt_templates = contextual_templates(
+                None, pl_module.concept_word, "Set prompt_set in the ContextualDrift entry of your config (or remove "
+                "that entry)")
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_module(pl_module)
         self._applies = pl_module.trains_text_encoder or learns_token_vectors(pl_module)
         if not self._applies:
             if trainer.is_global_zero:
@@ -281,11 +290,6 @@ class ContextualDrift(_EveryNSteps):
                          f"ContextualDrift: {type(pl_module).__name__} trains neither token vectors nor the text "
                          "encoder, so every prompt encodes exactly as in the base model: the text-space drift is zero "
                          "by construction, and nothing is measured.")
-            return
-        if self.prompt_templates is None:
-            self.prompt_templates = contextual_templates(
-                None, pl_module.concept_word, "Set prompt_set in the ContextualDrift entry of your config (or remove "
-                "that entry)")
 
     def compute(self, module: L.LightningModule, forward_context: contextlib.AbstractContextManager | None = None
                 ) -> dict[str, float]:

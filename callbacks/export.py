@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from tea_lightning.export import write_export_folder
+from tea_lightning.export import remove_stale_temporaries, write_export_folder
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -34,8 +34,9 @@ class Export(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, dirname: str = "exports") -> None:
-        if every_n_steps < 0:
-            raise ValueError(f"every_n_steps={every_n_steps}; use 0 (final export only) or more.")
+        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
+            raise ValueError(f"Export(every_n_steps={every_n_steps!r}) is not a step count; use 0 (final export only) "
+                             "or a whole number of steps, e.g. 100.")
         self.every_n_steps, self.dirname = every_n_steps, dirname
         self._last_step = -1
 
@@ -50,6 +51,8 @@ class Export(L.Callback):
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         self._last_step = trainer.global_step
+        if trainer.is_global_zero:  # what a killed run left half-written (the folder is reused with a fixed version)
+            remove_stale_temporaries(run_dir(trainer) / self.dirname, depth=1)
         if self.every_n_steps and trainer.global_step == 0:
             self.write(trainer, pl_module, "step-000000")  # the starting point of every drift curve
 

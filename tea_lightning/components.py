@@ -6,7 +6,9 @@ diffusers folder shipped as package data, loaded through the very same `from_pre
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +65,57 @@ def resolve_pretrained(pretrained: str) -> str:
     looks_local = pretrained.startswith((".", "/", "~")) or os.path.exists(expanded) or pretrained.count("/") != 1
     if looks_local:
         raise FileNotFoundError(f"No such model folder: {expanded!r}. {_hint(pretrained)}")
+    if _offline_and_not_cached(pretrained):
+        raise _load_failure(pretrained, pretrained, None)
     return pretrained
+
+
+def _offline_and_not_cached(repo_id: str) -> bool:
+    """Offline (HF_HUB_OFFLINE=1) and no cached copy of the repo's model_index.json: it cannot load."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        return not isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str)
+    except ValueError:  # not a valid repo id: from_pretrained says why
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading pipeline components"/"Loading weights" bars: loading from disk takes seconds, and the console is
+    kept for what a user must read (a download still shows huggingface_hub's own bar)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(module, module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
+    for module, _ in states:
+        module.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in states:
+            if enabled:
+                module.enable_progress_bar()
+
+
+def _load_failure(pretrained: str, source: str, error: OSError | None) -> FileNotFoundError:
+    """A failed hub or folder load as one sentence: which model, why (offline and not cached, or the library's first
+    line), and what to do."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        reason = "is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+        fix = (f"Download it once while online (huggingface-cli download {source}), or pass a local diffusers folder "
+               f"or a built-in model ({MINI!r}, {TINY!r})")
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first.split(". ")[0]
+        reason = f"could not be loaded ({first.rstrip('.')})"
+        fix = (f"Check the hub id (e.g. {DEFAULT_MODEL!r}), your network and access token, or pass a local diffusers "
+               f"folder or a built-in model ({MINI!r}, {TINY!r})")
+    return FileNotFoundError(f"pretrained={pretrained!r} {reason}. {fix}.")
 
 
 def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> StableDiffusionPipeline:
@@ -72,10 +124,11 @@ def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None) 
     if source == TINY:
         return tiny_pipeline()
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            source, revision=revision, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
+        with _quiet_loading():
+            return StableDiffusionPipeline.from_pretrained(
+                source, revision=revision, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     except OSError as error:  # offline, not cached, gated, or a typo in a hub id
-        raise FileNotFoundError(f"Could not load {source!r}: {error}. {_hint(pretrained)}") from error
+        raise _load_failure(pretrained, source, error) from error
 
 
 def load_components(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> Components:

@@ -379,13 +379,18 @@ class ConceptDataModule(L.LightningDataModule):
                                 steps=self.hparams.class_steps, seed=self.hparams.seed,
                                 device=self.trainer.strategy.root_device)
 
-    def setup(self, stage: str) -> None:
-        module = self.trainer.lightning_module if self.trainer is not None else None
+    def check_module(self, module: L.LightningModule) -> None:
+        """Refuse a module that trains another number of concepts than `data.concepts` lists (train.py calls this
+        before the run folder exists)."""
         keywords = getattr(module, "keywords", None)
         if keywords is not None and len(keywords) != len(self.concepts):
             raise ValueError(f"data.concepts lists {len(self.concepts)} concepts but {type(module).__name__} trains "
                              f"{len(keywords)} keyword(s) {keywords}. Train several concepts with CustomDiffusion "
                              "(it reads data.concepts), or give one data.instance_dir.")
+
+    def setup(self, stage: str) -> None:
+        if self.trainer is not None:
+            self.check_module(self.trainer.lightning_module)
         if self.uses_class_images:
             self.load_class_images()
 

@@ -27,11 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tea_lightning import drift
 from tea_lightning.components import resolve_pretrained
+from tea_lightning.devices import resolve_device
 from tea_lightning.drift_measure import (
     SETS_PREFIX,
     VECTOR_PREFIX,
@@ -41,10 +43,18 @@ from tea_lightning.drift_measure import (
     load_prompt_set,
     vocabulary_norms,
 )
-from tea_lightning.export import DIFFUSERS_TI, TEA_JSON, read_tea_json, write_bytes, write_json
+from tea_lightning.export import (
+    DIFFUSERS_TI,
+    TEA_JSON,
+    read_tea_json,
+    remove_stale_temporaries,
+    write_bytes,
+    write_json,
+)
 from tea_lightning.prompt_sets import fill
 from tea_lightning.tiny import TINY, tiny_pipeline
 from tea_lightning.tokens import add_new_tokens, placeholder_tokens, single_token_id
+from tea_lightning.user_errors import run_command
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
@@ -155,24 +165,53 @@ def _write_rows(out: Path, rows: dict[int, dict[str, Any]]) -> None:
     write_bytes(buffer.getvalue().encode(), out / CSV_NAME)
 
 
-def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "simple", hidden_state: str = "last",
-                 batch_size: int = 64, temperature: float = 1.0, shrinkage: float = drift.DEFAULT_SHRINKAGE,
-                 reproduce_authors: bool = False, device: str = "auto", out: str | None = None,
-                 plots: bool = True) -> Path:
+# The ContextualDrift settings a report takes from the run's config.yaml unless given, and their defaults.
+TRAINED_WITH = {"prompt_set": None, "simple_set": "simple", "hidden_state": "last", "temperature": 1.0,
+                "shrinkage": drift.DEFAULT_SHRINKAGE, "reproduce_authors": False}
+
+
+def trained_with(run: Path) -> dict[str, Any]:
+    """The settings of the `ContextualDrift` callback the run trained with, read from its `config.yaml` (the keys of
+    `TRAINED_WITH` it sets); empty when the run has no config.yaml or trained without the callback."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{str(path)!r} is not valid YAML ({error}); pass --prompt_set and --simple_set, or restore "
+                         "the config.yaml the run wrote") from error
+    callbacks = ((config.get("trainer") or {}).get("callbacks") or []) if isinstance(config, dict) else []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith(".ContextualDrift"):
+            args = callback.get("init_args") or {}
+            return {key: args[key] for key in TRAINED_WITH if args.get(key) is not None}
+    return {}
+
+
+def drift_report(run: str, prompt_set: str | None = None, simple_set: str | None = None,
+                 hidden_state: str | None = None, batch_size: int = 64, temperature: float | None = None,
+                 shrinkage: float | None = None, reproduce_authors: bool | None = None, device: str = "auto",
+                 out: str | None = None, plots: bool = True) -> Path:
     """Measure the drift of every step-stamped export of a run; write drift.csv and PNG plots.
+
+    The prompt sets, sentence vector and temperature are those the run's `ContextualDrift` callback used (read from
+    the run's config.yaml), so the report's numbers match what TensorBoard showed while training; an argument given
+    here overrides them.
 
     Args:
         run: The run folder (holding `exports/step-NNNNNN/`), e.g. runs/demo/lightning_logs/version_0.
         prompt_set: Contextual set P: a shipped concept name or a file (one sentence per line, each with one `{}`).
-            Default: the shipped set of the concept word in tea.json.
-        simple_set: Simple set S: `simple` or a file.
+            Default: the run's, else the shipped set of the concept word in tea.json.
+        simple_set: Simple set S: `simple` or a file. Default: the run's, else `simple`.
         hidden_state: Sentence vector: `last` (the paper's), `eos`, `mean` or `flatten` (see ContextualDrift).
+            Default: the run's, else `last`.
         batch_size: Sentences per text-encoder call.
-        temperature: KL temperature tau.
-        shrinkage: Mahalanobis covariance shrinkage lambda in [0, 1] (default 0.1, see docs/drift_metrics.md; 0 is
-            the authors' pseudo-inverse).
+        temperature: KL temperature tau. Default: the run's, else 1.0.
+        shrinkage: Mahalanobis covariance shrinkage lambda in [0, 1] (default: the run's, else 0.1, see
+            docs/drift_metrics.md; 0 is the authors' pseudo-inverse).
         reproduce_authors: Score P(c) against P(V*) in inter_mahalanobis and inter_kl and cut simple_kl after the
-            softmax, as the authors' code did.
+            softmax, as the authors' code did (default: the run's, else false).
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
         out: Output folder; default `<run>/drift`.
         plots: Also draw the PNG plots (needs matplotlib: `pip install tea-lightning[plots]`).
@@ -180,6 +219,13 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
     Returns:
         The output folder.
     """
+    given = {"prompt_set": prompt_set, "simple_set": simple_set, "hidden_state": hidden_state,
+             "temperature": temperature, "shrinkage": shrinkage, "reproduce_authors": reproduce_authors}
+    from_run = {key: value for key, value in trained_with(Path(run)).items() if given[key] is None}
+    chosen = {**TRAINED_WITH, **from_run, **{k: v for k, v in given.items() if v is not None}}
+    prompt_set, simple_set = chosen["prompt_set"], chosen["simple_set"]
+    hidden_state, temperature = chosen["hidden_state"], chosen["temperature"]
+    shrinkage, reproduce_authors = chosen["shrinkage"], chosen["reproduce_authors"]
     if hidden_state not in drift.HIDDEN_STATES:
         raise ValueError(f"hidden_state={hidden_state!r} does not exist; choose one of "
                          f"{', '.join(drift.HIDDEN_STATES)}")
@@ -188,10 +234,19 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
     drift.check_shrinkage(shrinkage)
     meta, exports = find_exports(Path(run))
     concept_word = meta["concept_word"]
-    p_templates = contextual_templates(prompt_set, concept_word, "Pass --prompt_set")
-    s_templates = load_prompt_set(simple_set, "simple_set")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    try:
+        p_templates = contextual_templates(prompt_set, concept_word, "Pass --prompt_set")
+        s_templates = load_prompt_set(simple_set, "simple_set")
+    except (ValueError, FileNotFoundError) as error:
+        if not {"prompt_set", "simple_set"} & from_run.keys():
+            raise
+        raise ValueError(f"{error} (the set was read from {str(Path(run) / 'config.yaml')!r}: run the report from the "
+                         "folder training ran in, or pass --prompt_set and --simple_set)") from error
+    device = resolve_device(device)
     out_dir = Path(out) if out is not None else (Path(run) / "drift")
+    if from_run:
+        print("drift_report: as the run trained, from its config.yaml: "
+              + ", ".join(f"{key}={value!r}" for key, value in from_run.items()))
     if plots and not _have_matplotlib():
         plots = False
         print("drift_report: matplotlib is not installed, so only drift.csv is written; "
@@ -202,6 +257,7 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
                 "hidden_state": hidden_state, "temperature": float(temperature), "shrinkage": float(shrinkage),
                 "reproduce_authors": bool(reproduce_authors),
                 "exports": {str(e.step): _fingerprint(e) for e in exports}}
+    remove_stale_temporaries(out_dir, depth=0)  # a killed report's half-written CSV or plot
     rows: dict[int, dict[str, Any]] = _read_rows(out_dir, settings)
     todo = [e for e in exports if e.step not in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,10 +444,14 @@ def plot_all(csv_path: Path, out: Path, histogram: dict[str, Any]) -> list[Path]
     return paths
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> Path:
+    """`python -m tea_lightning.drift_report RUN`; a user error is one line and exit code 2."""
     from jsonargparse import auto_cli
 
-    print(f"drift_report: wrote {auto_cli(drift_report)}")
+    out = run_command(lambda argv: auto_cli(drift_report, args=argv, exit_on_error=False), args,
+                      prog="-m tea_lightning.drift_report")
+    print(f"drift_report: wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tea_lightning import scoring
-from tea_lightning.export import read_tea_json
-from tea_lightning.images import require_image_paths
+from tea_lightning.devices import resolve_device
+from tea_lightning.export import check_writable_folder, read_tea_json, remove_stale_temporaries
+from tea_lightning.images import read_image, require_image_paths
 from tea_lightning.prompt_sets import PROMPTS_DIR, EvalPrompt, load_eval_csv
 from tea_lightning.summary import BASELINE, METRICS, format_cell, read_scores, write_scores, write_summary
 
@@ -121,6 +122,8 @@ def _references(spec: Concept, name: str) -> tuple[list[Path], str]:
         paths, label = [anchor], f"anchor {anchor.name}"
     else:
         label = f"mean of {len(paths)}"
+    for path in paths:  # a corrupt reference is found now, not after every image has been generated
+        read_image(path)
     digest = hashlib.sha1("".join(_sha1(p) for p in paths).encode()).hexdigest()[:12]
     return paths, f"{label} ({digest})"
 
@@ -136,6 +139,9 @@ def _plan(spec: Concept, default_prompts: str | None, out: Path) -> _Plan:
     if spec.images is None and spec.checkpoint is None:
         raise ValueError(f"concept {name!r} has neither images (a folder written by infer.py) nor a checkpoint to "
                          f"generate them from; pass one of the two")
+    if spec.checkpoint is not None and not Path(spec.checkpoint).expanduser().exists():
+        raise FileNotFoundError(f"checkpoint={spec.checkpoint!r} of concept {name!r} does not exist; pass an export "
+                                "folder (runs/…/exports/final) or a checkpoint file")
     default = out / "images" / name / ("" if spec.training_seed is None else f"seed-{spec.training_seed}")
     images = Path(spec.images).expanduser() if spec.images is not None else default
     return _Plan(name, spec, images, csv_path, load_eval_csv(csv_path), references, label)
@@ -330,6 +336,8 @@ def evaluate(
     out_dir = Path(out).expanduser()
     alphas = [0.5] if alphas is None else list(alphas)
     _check_settings([0.2] if rhos is None else rhos, alphas, num_images, batch_size, max_prompts, dino_pooling)
+    check_writable_folder(out_dir, "out")
+    torch_device = resolve_device(device)
     one = None if references is None else Concept(references, checkpoint=checkpoint, images=images,
                                                   concept_word=concept_word, prompt_class=prompt_class,
                                                   anchor_image=anchor_image)
@@ -346,7 +354,6 @@ def evaluate(
     rhos = _default_rhos(plans) if rhos is None else list(rhos)
     sources = scoring.clip_source(clip_model), scoring.dino_source(dino_model)
     tags = [BASELINE] + [tea_tag(r, a) for r in rhos for a in alphas]
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generation = dict(pretrained=pretrained, scheduler=scheduler, steps=steps, guidance=guidance,
                       resolution=resolution, batch_size=generation_batch_size, device=device, mode=mode, align=align,
                       target_encoder=target_encoder, target=target)
@@ -368,6 +375,7 @@ def evaluate(
                              f"(the word filling the CLIP-T texts, e.g. 'man')")
         work.append((plan, found))
 
+    remove_stale_temporaries(out_dir, depth=0)  # a killed run's half-written scores.csv or summary
     scores_path = out_dir / "scores.csv"
     previous = {} if rescore or not scores_path.is_file() else {
         (r["concept"], r.get("training_seed", ""), r["tag"], r["prompt_index"], r["image_index"]): r

@@ -26,10 +26,11 @@ image, the first eight images), and `out/run.json` (the settings, checked when a
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -47,8 +48,9 @@ from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
 from tea_lightning.adapters import adapters_disabled
-from tea_lightning.checkpoints import Concept, Personalized
-from tea_lightning.export import write_json, write_png
+from tea_lightning.checkpoints import Concept, Personalized, Source
+from tea_lightning.devices import resolve_device
+from tea_lightning.export import check_writable_folder, remove_stale_temporaries, write_json, write_png
 from tea_lightning.prompting import Prompt, pairing, parse_prompt, token_spans
 from tea_lightning.seeding import sample_seed
 from tea_lightning.tea import adjust
@@ -58,6 +60,9 @@ SCHEDULERS = {"dpm": DPMSolverMultistepScheduler, "ddim": DDIMScheduler, "euler"
               "euler_a": EulerAncestralDiscreteScheduler, "pndm": PNDMScheduler, "ddpm": DDPMScheduler}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RUN_JSON = "run.json"
+# A sanity bound on the images of one call: 100,000 SD 1.5 images take about a day on one A100. More is a typo, and
+# the list of jobs alone would not fit in memory.
+MAX_IMAGES = 100_000
 GRID_ROWS = 8  # images per prompt shown in a grid; the files hold them all
 THUMBNAIL = 256  # grid cells are at most this many pixels wide
 
@@ -267,15 +272,40 @@ def _check_out(out: Path, settings: dict) -> None:
     if not record.is_file():
         raise ValueError(f"out={str(out)!r} already holds files that tea-lightning did not write; choose a new or "
                          "empty folder (nothing is overwritten).")
-    old = json.loads(record.read_text())
+    try:
+        old = json.loads(record.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(record)!r} is not valid JSON ({error}); choose a new --out folder, or delete this one "
+                         "to start over.") from error
     differ = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in settings if old.get(k) != settings.get(k)]
     if differ:
         raise ValueError(f"out={str(out)!r} holds images made with other settings ({'; '.join(differ)}). Choose a "
                          "new --out folder or delete this one; nothing was overwritten.")
 
 
+def checkpoint_fingerprint(source: Source) -> str:
+    """What a checkpoint holds, as 16 hex digits of a SHA-256 over every tensor (name, dtype, shape and bytes).
+
+    A resumed output folder is matched by this, not by the checkpoint's path: a file replaced at the same path is
+    another checkpoint, and the same file moved elsewhere is the same one.
+    """
+    tensors: dict[str, Tensor] = {}
+    for field in fields(source):
+        value = getattr(source, field.name)
+        if isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values()):
+            tensors.update({f"{field.name}/{name}": tensor for name, tensor in value.items()})
+    if source.module is not None:
+        tensors.update({f"module/{name}": t for name, t in source.module.trainable_state_dict().items()})
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _resolve_device(device: str | None, dtype: str) -> tuple[torch.device, str]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if dtype == "auto":
         dtype = "fp16" if device.type == "cuda" else "fp32"
     _check_choice("dtype", dtype, [*DTYPES, "auto"])
@@ -343,10 +373,15 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     _check_choice("concept_reduce", concept_reduce, ["error", "mean"])
     torch_device, dtype = _resolve_device(device, dtype)
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file; pass the path of a folder to write the images into.")
+    check_writable_folder(out, "out")
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of prompts (templates with '{}' or holding the keyword).")
+    settings_count = int(compare) + len(rhos or [None]) * len(alphas)  # no rhos: the method's default, one
+    total = len(prompts) * num_images * settings_count
+    if total > MAX_IMAGES:
+        raise ValueError(f"num_images={num_images} asks for {total:,} images ({len(prompts)} prompt(s) x {num_images} "
+                         f"x {settings_count} setting(s)), more than the {MAX_IMAGES:,} one run makes. Lower "
+                         "--num_images (4 is usual), or split the prompts over several runs.")
 
     paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     if not paths:
@@ -358,7 +393,9 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         found = checkpoints.modifier_targets(found, list(source.embeddings))
     parsed = [parse_prompt(p, found) for p in prompts]
     base = pretrained or source.base_model or checkpoints.DEFAULT_MODEL
-    settings = {"checkpoint": source.path, "base_model": base, "prompts": [p.text for p in parsed],
+    # The checkpoint is known by its content: a folder resumes only with the very tensors that started it.
+    settings = {"checkpoint_fingerprint": checkpoint_fingerprint(source), "base_model": base,
+                "prompts": [p.text for p in parsed],
                 "negative_prompt": negative_prompt or "", "seed": seed, "scheduler": scheduler, "steps": steps,
                 "guidance": float(guidance), "resolution": resolution, "mode": mode, "align": align,
                 "target_encoder": target_encoder, "concepts": [[c.keyword, c.concept_word] for c in found],
@@ -383,7 +420,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     out.mkdir(parents=True, exist_ok=True)
-    write_json(settings, out / RUN_JSON)
+    remove_stale_temporaries(out)  # what a killed run left half-written
+    write_json({**settings, "checkpoint": source.path}, out / RUN_JSON)
     runs = ([Setting()] if compare else []) + [Setting(r, a) for r in rhos for a in alphas]
     jobs = [(p, i) for p in range(len(parsed)) for i in range(num_images)]
 

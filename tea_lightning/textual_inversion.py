@@ -72,9 +72,13 @@ class TextualInversion(DiffusionModule):
                  parametrization: Literal["free", "spherical"] = "free", sphere_norm: float | None = None,
                  **kwargs) -> None:
         check_parametrization(parametrization, sphere_norm)  # before the model loads
-        super().__init__(**kwargs)
+        if not placeholder.strip() or placeholder != placeholder.strip() or "{" in placeholder:
+            # An empty token (an unset shell variable) would train the end-of-text row every prompt ends with.
+            raise ValueError(f"model.placeholder={placeholder!r} is empty, padded with spaces or holds a brace; give "
+                             "the new token written in prompts, e.g. '<my-dog>'.")
         if num_vectors < 1:
             raise ValueError(f"model.num_vectors={num_vectors}; use 1 or more.")
+        super().__init__(**kwargs)
         concept_id = single_token_id(self.tokenizer, concept_word)
         self.concept_word, self.placeholder = concept_word, placeholder
         self.tokens = placeholder_tokens(placeholder, num_vectors)

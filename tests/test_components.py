@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,13 +21,6 @@ def test_tiny_model_saved_with_save_pretrained_loads_back_through_the_hub_path(t
     assert built.tokenizer(prompt).input_ids == loaded.tokenizer(prompt).input_ids
     assert loaded.noise_scheduler.config.prediction_type == "epsilon"
     assert not any(p.requires_grad for p in loaded.unet.parameters())
-
-
-def test_tiny_model_builds_in_well_under_a_second():
-    tiny_pipeline()  # the first build trains the tokenizer's merges once per process
-    start = time.perf_counter()
-    tiny_pipeline()
-    assert time.perf_counter() - start < 0.5
 
 
 def test_tiny_model_is_seeded_and_leaves_the_global_rng_alone():
@@ -79,7 +71,8 @@ def test_a_folder_that_is_not_a_diffusers_model_is_refused(tmp_path):
 
 
 def test_a_hub_id_that_is_not_cached_fails_offline_with_the_fix():
-    with pytest.raises(FileNotFoundError, match="Could not load 'nobody/no-such-model'"):
+    message = r"pretrained='nobody/no-such-model' is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids"
+    with pytest.raises(FileNotFoundError, match=message + r" downloading it\. Download it once"):
         load_components("nobody/no-such-model")
 
 

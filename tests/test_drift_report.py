@@ -117,6 +117,31 @@ def test_the_command_line_takes_the_run_folder_and_options(drift_run, drift_out,
     assert sorted(_rows(out)) == [0, 2, 4]
 
 
+def test_without_options_the_report_uses_the_prompt_sets_the_run_trained_with(drift_run, drift_out, tmp_path,
+                                                                              monkeypatch, capsys):
+    run, _, _ = drift_run
+    copy = tmp_path / "run"
+    shutil.copytree(run / "exports", copy / "exports")
+    shutil.copytree(drift_out, copy / "drift")  # measured with prompt_set="toy": resumes only if the sets match
+    # What LightningCLI writes into the run folder: the drift callback with its settings.
+    (copy / "config.yaml").write_text("""
+trainer:
+  callbacks:
+    - class_path: tea_lightning.callbacks.Export
+      init_args: {every_n_steps: 2}
+    - class_path: tea_lightning.callbacks.ContextualDrift
+      init_args: {every_n_steps: 2, prompt_set: toy, simple_set: simple, hidden_state: last, temperature: 1.0}
+""")
+    counter = _Counting(monkeypatch)
+    out = report.drift_report(str(copy), plots=False)  # the tiny run's word "star" has no shipped set of its own
+    assert counter.calls == 0, "the report measured with other sets than the run trained with"
+    assert _rows(out) == _rows(drift_out)
+    assert "prompt_set='toy'" in capsys.readouterr().out
+    (copy / "drift" / "drift.json").unlink()  # and an option given on the command line wins over the run's
+    with pytest.raises(ValueError, match="hidden_state='pooled' does not exist"):
+        report.drift_report(str(copy), hidden_state="pooled")
+
+
 def test_multi_vector_exports_are_measured_as_the_callbacks_measure_the_live_module(tmp_path):
     module = ti_module(concept_word="toy", num_vectors=2)
     start = module.learned.vectors.detach().clone()

@@ -96,6 +96,31 @@ def test_resume_skips_finished_images_and_other_settings_are_refused(embeddings,
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+def test_resume_is_keyed_by_the_checkpoints_tensors_not_its_path(tmp_path):
+    checkpoint, out = _embedding(tmp_path / "a.safetensors", "<v>", 0), tmp_path / "out"
+    common = dict(concept_word="star", pretrained="tiny", num_images=1, **FAST)
+    generate(checkpoint, ["a <v>"], out, **common)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("p*.png")}
+    moved = tmp_path / "moved" / "a.safetensors"
+    moved.parent.mkdir()
+    os.replace(checkpoint, moved)
+    generate(moved, ["a <v>"], out, **common)  # the same tensors elsewhere: resumed, nothing rewritten
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    _embedding(moved, "<v>", 1)  # another checkpoint at the same path must not add images to this folder
+    with pytest.raises(ValueError, match=r"other settings \(checkpoint_fingerprint: "):
+        generate(moved, ["a <v>"], out, **common)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_a_killed_runs_hidden_temporaries_are_removed_when_the_folder_is_resumed(embeddings, tmp_path):
+    common = dict(concept_word="star", pretrained="tiny", num_images=1, **FAST)
+    generate(embeddings["v"], ["a <v>"], tmp_path, **common)
+    half = tmp_path / "baseline" / ".p000-i001.png.999999999-k2j3.tmp"  # a process that no longer exists
+    half.write_bytes(b"half an image")
+    generate(embeddings["v"], ["a <v>"], tmp_path, **common)
+    assert not half.exists()
+
+
 def test_an_output_folder_of_other_files_or_a_file_is_refused(embeddings, tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ValueError, match="already holds files that tea-lightning did not write"):
