@@ -64,14 +64,44 @@ def tuner_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
+def _adapted_models(pipe) -> list[torch.nn.Module]:
+    """The models a LoRA file may adapt: the UNet and every text encoder of the pipeline (two on SDXL)."""
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    return [pipe.unet, *(e for e in encoders if e is not None)]
+
+
+# The text widths cross-attention reads in each family, to name the family of a LoRA made for another one.
+TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def _width(width: int) -> str:
+    family = TEXT_WIDTHS.get(width)
+    return f"{width}-wide ({family})" if family else f"{width}-wide"
+
+
+def lora_text_width(state: dict[str, Tensor]) -> int | None:
+    """How wide the text is that the LoRA's cross-attention key projection reads (its down weight's inputs), in
+    diffusers (`attn2.to_k.lora.down`, `attn2.to_k.lora_A`) or kohya (`attn2_to_k.lora_down`) keys; None without
+    one."""
+    for key, tensor in state.items():
+        if "attn2" in key and "to_k" in key and any(m in key for m in ("lora.down.", "lora_A.", "lora_down.")):
+            return int(tensor.shape[1])
+    return None
+
+
 def install_lora(pipe, state: dict[str, Tensor], where: str, base: str) -> None:
-    before = tuner_layers(pipe.unet) + tuner_layers(pipe.text_encoder)
+    width, cross = lora_text_width(state), pipe.unet.config.cross_attention_dim
+    if width is not None and width != cross:
+        raise ValueError(f"The LoRA in {where} adapts a UNet that reads {_width(width)} text, but {base!r} reads "
+                         f"{_width(cross)} text: it was made for another base model. Pass --pretrained with the model "
+                         "it was trained on.")
+    before = sum(tuner_layers(m) for m in _adapted_models(pipe))
     try:
         pipe.load_lora_weights(dict(state))
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"The LoRA in {where} does not fit the base model {base!r} ({error}). Pass --pretrained "
                          "with the model it was trained on.") from error
-    if tuner_layers(pipe.unet) + tuner_layers(pipe.text_encoder) == before:
+    if sum(tuner_layers(m) for m in _adapted_models(pipe)) == before:
         raise ValueError(f"The LoRA in {where} matched no layer of {base!r}, so it would change nothing. Pass "
                          "--pretrained with the model it was trained on.")
 
@@ -177,7 +207,7 @@ def install_custom_diffusion(unet, state: dict[str, Tensor], where: str, base: s
     cross = unet.config.cross_attention_dim
     for key, value in state.items():
         if key.endswith("to_k_custom_diffusion.weight") and value.shape[1] != cross:
-            raise ValueError(f"{where}: the Custom Diffusion weights read {value.shape[1]}-wide text embeddings, but "
-                             f"{base!r} has {cross}-wide ones (768 = SD 1.x, 1024 = SD 2.x). Pass --pretrained with "
-                             "the model it was trained on.")
+            raise ValueError(f"{where}: the Custom Diffusion weights read {_width(value.shape[1])} text embeddings, "
+                             f"but {base!r} has {_width(cross)} ones. Pass --pretrained with the model it was trained "
+                             "on.")
     install_custom_diffusion_weights(unet, state, where)

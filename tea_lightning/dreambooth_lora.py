@@ -2,7 +2,8 @@
 identifier before the concept word ("a photo of sks dog"), usually with prior preservation.
 
 The adapters are peft LoRA layers; everything else stays frozen. The export is the file diffusers'
-`StableDiffusionPipeline.save_lora_weights` writes, so `pipe.load_lora_weights(folder)` loads it unchanged.
+`StableDiffusionPipeline.save_lora_weights` writes (`StableDiffusionXLPipeline`'s on SDXL, with both text encoders'
+layers), so `pipe.load_lora_weights(folder)` loads it unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from peft import LoraConfig, inject_adapter_in_model
 
 from tea_lightning import export
 from tea_lightning.adapters import diffusers_lora_layers
+from tea_lightning.components import pipeline_class
+from tea_lightning.conditioning import SUFFIXES
 from tea_lightning.module import DiffusionModule
 from tea_lightning.seeding import sample_seed
 
@@ -30,7 +33,8 @@ class DreamBoothLoRA(DiffusionModule):
         rank: LoRA rank (4 in the paper).
         lora_alpha: LoRA scale numerator (the adapter adds alpha/rank · up·down); default = rank.
         dropout: Dropout on the LoRA input.
-        train_text_encoder: Also put LoRA on the text encoder's q/k/v/out projections (the authors did).
+        train_text_encoder: Also put LoRA on the text encoders' q/k/v/out projections (the authors did); on SDXL
+            on both encoders.
         pretrained, seed, prior_loss_weight, gradient_checkpointing, regularizers, optimizer, lr_scheduler: see
             `DiffusionModule`.
     """
@@ -58,10 +62,12 @@ class DreamBoothLoRA(DiffusionModule):
             torch.manual_seed(sample_seed(self.hparams.seed, 2))
             inject_adapter_in_model(LoraConfig(target_modules=UNET_TARGETS, **config), self.unet)
             if train_text_encoder:
-                inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **config), self.text_encoder)
+                for encoder in self.text_encoders:
+                    inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **config), encoder)
         if dropout:  # LoRA dropout only acts in train mode; the frozen weights have no dropout of their own
             self.unet.train()
-            self.text_encoder.train(train_text_encoder)
+            for encoder in self.text_encoders:
+                encoder.train(train_text_encoder)
 
     @property
     def keyword(self) -> str:
@@ -73,13 +79,13 @@ class DreamBoothLoRA(DiffusionModule):
             torch.manual_seed(sample_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank, 1))
 
     def export(self, folder: Path, step: int) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        unet = diffusers_lora_layers(self.unet, self.lora_scale)
-        text_encoder = diffusers_lora_layers(self.text_encoder, self.lora_scale) if self.trains_text_encoder else None
-        # The stock writer names the keys; our save function makes the write atomic and refuses NaN.
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=unet, text_encoder_lora_layers=text_encoder, weight_name=export.LORA_WEIGHTS,
+        layers = {"unet_lora_layers": diffusers_lora_layers(self.unet, self.lora_scale)}
+        if self.trains_text_encoder:  # text_encoder_lora_layers, and text_encoder_2_lora_layers on SDXL
+            for suffix, encoder in zip(SUFFIXES, self.text_encoders, strict=False):
+                layers[f"text_encoder{suffix}_lora_layers"] = diffusers_lora_layers(encoder, self.lora_scale)
+        # The family's stock writer names the keys; our save function makes the write atomic and refuses NaN.
+        pipeline_class(self.family).save_lora_weights(
+            folder, **layers, weight_name=export.LORA_WEIGHTS,
             save_function=lambda tensors, path: export.write_safetensors(tensors, Path(path), {"format": "pt"}))
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
                               concept_word=self.concept_word, step=step, identifier=self.identifier,

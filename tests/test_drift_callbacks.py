@@ -59,7 +59,7 @@ def _distances_from_scratch(module, templates: list[str]) -> dict[str, float]:
     """Each set encoded now in one call, the last position: no cache, no batching, no pooling helper."""
     def encode(prompts):
         with torch.no_grad():
-            return module.encode_prompts(prompts)[:, -1]
+            return module.encode_prompts(prompts).states[:, -1]
 
     p_keyword = encode([fill(t, module.keyword) for t in templates])
     p_concept = encode([fill(t, module.concept_word) for t in templates])

@@ -137,8 +137,8 @@ def _prompt_level_case():
     model = Personalized(tiny_pipeline(), [Concept("sks star", "star")], [], "test", "tiny")
     prompt = parse_prompt("a photo of sks star wearing glasses", model.concepts)
     with torch.no_grad():
-        embeds = encode(model.pipe, [prompt.model_text])[0]  # [77, D]
-        target = encode(model.pipe, [prompt.target_text])[0]
+        embeds = encode(model.pipe, [prompt.model_text]).states[0]  # [77, D]
+        target = encode(model.pipe, [prompt.target_text]).states[0]
     return model, prompt, embeds, target
 
 
@@ -149,8 +149,8 @@ def test_span_alignment_keeps_the_text_before_the_keyword_and_pairs_later_tokens
     keyword = len(tokenizer("sks star", add_special_tokens=False).input_ids)
     assert keyword == 2
     with torch.no_grad():
-        gentle = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="span")[0]
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="prompt", align="span")[0]
+        gentle = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="span").states[0]
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="prompt", align="span").states[0]
     assert torch.equal(gentle[:before], embeds[:before])
     assert not torch.allclose(gentle[before:], embeds[before:])
     # rho = alpha = 1 lands each position on its partner: both keyword tokens on "star", then every later token
@@ -162,7 +162,7 @@ def test_span_alignment_keeps_the_text_before_the_keyword_and_pairs_later_tokens
 def test_position_alignment_reproduces_the_authors_position_by_position_pairing():
     model, prompt, embeds, target = _prompt_level_case()
     with torch.no_grad():
-        ours = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="position")[0]
+        ours = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="position").states[0]
     authors = torch.stack([adjust(embeds[i], target[i], 0.2, 0.5) for i in range(77)])
     torch.testing.assert_close(ours, authors, atol=1e-6, rtol=0)
 
@@ -178,9 +178,9 @@ def test_target_encoder_base_encodes_the_target_with_the_adapters_off(tmp_path):
     prompt = parse_prompt("a photo of sks star", model.concepts)
     with torch.no_grad():
         full = {which: prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="prompt", align="position",
-                                         target_encoder=which)[0] for which in ("adapted", "base")}
-        adapted_target = encode(pipe, [prompt.target_text])[0]
-        base_target = encode(Personalized(tiny_pipeline(), [], [], "", "").pipe, [prompt.target_text])[0]
+                                         target_encoder=which).states[0] for which in ("adapted", "base")}
+        adapted_target = encode(pipe, [prompt.target_text]).states[0]
+        base_target = encode(Personalized(tiny_pipeline(), [], [], "", "").pipe, [prompt.target_text]).states[0]
     torch.testing.assert_close(full["adapted"], adapted_target, atol=1e-4, rtol=0)
     torch.testing.assert_close(full["base"], base_target, atol=1e-4, rtol=0)
     assert all(p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "lora" in n), "trainability lost"
@@ -192,9 +192,9 @@ def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embed
     model = checkpoints.build(source, concepts, pretrained="tiny")
     prompt = parse_prompt("a photo of <m> touching a <d>", model.concepts)
     with torch.no_grad():
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token")
-        words = encode(model.pipe, ["a photo of man touching a dog"])
-        baseline = prompt_embeddings(model, [prompt], Setting(), level="token")
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token").states
+        words = encode(model.pipe, ["a photo of man touching a dog"]).states
+        baseline = prompt_embeddings(model, [prompt], Setting(), level="token").states
     torch.testing.assert_close(full, words, atol=1e-5, rtol=0)
     assert not torch.allclose(baseline, words)
 
@@ -205,8 +205,8 @@ def test_multi_vector_tokens_expand_and_every_vector_is_adjusted(embeddings):
     prompt = parse_prompt("a photo of <v>", model.concepts)
     assert prompt.model_text == "a photo of <v> <v>_1"
     with torch.no_grad():
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token")
-        words = encode(model.pipe, ["a photo of star star"])
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token").states
+        words = encode(model.pipe, ["a photo of star star"]).states
     torch.testing.assert_close(full, words, atol=1e-5, rtol=0)
 
 
