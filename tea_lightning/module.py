@@ -49,7 +49,10 @@ def checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
     transformers only checkpoints a layer whose own `training` flag is set; only that flag is raised, on the layers
     themselves, so their attention and MLP stay in eval mode (no dropout in frozen weights).
     """
-    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers ≥ 5.x; the older name warns there
+        encoder.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in encoder.modules():
         if getattr(layer, "gradient_checkpointing", False):
             layer.training = True

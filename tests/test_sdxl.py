@@ -503,7 +503,8 @@ def test_gradient_checkpointing_recomputes_the_text_encoders_and_keeps_their_gra
         make_trainer(tmp_path, max_steps=0).fit(module, star_data(batch_size=1))  # on_fit_start enables it
         layer = module.text_encoder_2.text_model.encoder.layers[0]
         count = []
-        layer.mlp.register_forward_hook(lambda *_, count=count: count.append(1))
+        # A pre-hook: the recomputation stops as soon as it has what the backward pass needs, before the MLP returns.
+        layer.mlp.register_forward_pre_hook(lambda *_, count=count: count.append(1))
         batch = next(iter(star_data(batch_size=1).train_dataloader()))
         generator = torch.Generator().manual_seed(0)
         latents = module.encode_images(batch["pixel_values"], generator)
@@ -531,7 +532,7 @@ def test_every_sdxl_config_instantiates_on_the_tiny_sdxl_model(config, tiny_sdxl
 def test_the_sdxl_textual_inversion_config_trains_from_the_command_line(tiny_sdxl_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     train.main(["fit", "--config", "configs/textual_inversion_sdxl.yaml", "--data.instance_dir", str(STAR_IMAGES),
-                "--model.init_args.concept_word", "star", "--model.init_args.pretrained", str(tiny_sdxl_dir),
+                "--model.init_args.concept_word", "toy", "--model.init_args.pretrained", str(tiny_sdxl_dir),
                 "--data.resolution", "64", "--trainer.max_steps", "2", "--trainer.precision", "32",
                 "--trainer.default_root_dir", str(tmp_path)])
     final = tmp_path / "lightning_logs" / "version_0" / "exports" / "final"
