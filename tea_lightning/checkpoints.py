@@ -403,6 +403,18 @@ def _owner(concepts: Sequence[Concept], token: str) -> Concept:
 # ------------------------------------------------------------------------------------------------ installing
 
 
+def _is_sdxl_lora(state: dict[str, Tensor] | None) -> bool:
+    """A LoRA that adapts a second text encoder (diffusers' `text_encoder_2.`, kohya's `lora_te2_`) is SDXL's."""
+    return state is not None and any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in state)
+
+
+def base_model(source: Source, pretrained: str | None = None) -> str:
+    """The base model to install `source` into: the user's, else the one the checkpoint records, else the default of
+    its family (SDXL's base for a file with rows for two text encoders or an SDXL LoRA, SD 1.5 otherwise)."""
+    sdxl = any(len(rows) == 2 for rows in source.embeddings.values()) or _is_sdxl_lora(source.lora)
+    return pretrained or source.base_model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
+
+
 def _kind_of(rows: Sequence[Tensor]) -> str:
     if len(rows) == 2:
         return f"an SDXL embedding ({ENCODER_NAMES[0]} and {ENCODER_NAMES[1]} rows)"
@@ -417,8 +429,7 @@ def check_family(source: Source, base: str, family: str) -> None:
         if len(rows) != count:
             raise ValueError(f"{source.path}: {token!r} is {_kind_of(rows)}, but the base model {base!r} is "
                              f"{FAMILY_NAMES[family]}. Pass --pretrained with {other}.")
-    if family != SDXL and source.lora is not None and any(
-            k.startswith(("text_encoder_2.", "lora_te2_")) for k in source.lora):
+    if family != SDXL and _is_sdxl_lora(source.lora):
         raise ValueError(f"{source.path} is an SDXL LoRA (it adapts a second text encoder), but the base model "
                          f"{base!r} is {FAMILY_NAMES[family]}. Pass --pretrained with {other}.")
 
@@ -440,7 +451,7 @@ def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = 
     """Load the base model and install `source` into it; `concepts` come from `resolve_concepts`."""
     if source.module is not None:
         return from_module(source.module, concepts=concepts, concept_reduce=concept_reduce, checkpoint=source.path)
-    base = pretrained or source.base_model or DEFAULT_MODEL
+    base = base_model(source, pretrained)
     check_family(source, base, model_family(base))
     pipe = load_pipeline(base)
     tokenizers, text_encoders = text_parts(pipe)

@@ -329,7 +329,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         num_images: Images per prompt.
         seed: Base seed; image i of prompt p uses the seed derived from (seed, p, i).
         batch_size: Images per pipeline call.
-        pretrained: Base model; default: the one the checkpoint records, else SD 1.5.
+        pretrained: Base model; default: the one the checkpoint records, else SD 1.5 (SDXL base for SDXL files).
         scheduler: dpm (DPM-Solver multistep, the paper's), ddim, euler, euler_a, pndm or ddpm.
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
@@ -373,7 +373,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     source = checkpoints.merge([checkpoints.read(p, pretrained) for p in paths])
     found = checkpoints.resolve_concepts(source.concepts, concept_word, concepts)
     parsed = [parse_prompt(p, found) for p in prompts]
-    base = pretrained or source.base_model or checkpoints.DEFAULT_MODEL
+    base = checkpoints.base_model(source, pretrained)
     settings = {"checkpoint": source.path, "base_model": base, "prompts": [p.text for p in parsed],
                 "negative_prompt": negative_prompt or "", "seed": seed, "scheduler": scheduler, "steps": steps,
                 "guidance": float(guidance), "resolution": resolution, "mode": mode, "align": align,

@@ -171,15 +171,3 @@ class LatentCache:
                 for row, encoded in zip(fresh, encode(pixel_values[fresh]).detach(), strict=True):
                     parameters[row] = encoded
         return DiagonalGaussianDistribution(torch.stack(parameters))
-
-
-def spliced_tokens(module: nn.Module) -> list[nn.Module]:
-    """The `LearnedTokens` inside `module` (Textual Inversion, Custom Diffusion modifier tokens), by first id."""
-    found = [m for m in module.modules()
-             if isinstance(getattr(m, "first_id", None), int) and isinstance(getattr(m, "vectors", None), torch.Tensor)]
-    return sorted(found, key=lambda m: m.first_id)
-
-
-def learned_token_ids(module: nn.Module) -> set[int]:
-    """Token ids whose rows training changes: those spliced in by the `LearnedTokens` inside `module`."""
-    return {m.first_id + i for m in spliced_tokens(module) for i in range(len(m.vectors))}

@@ -400,6 +400,23 @@ def test_a_kohya_sdxl_lora_reads_like_its_diffusers_twin(tmp_path):
     torch.testing.assert_close(embeds[3], embeds[1], rtol=0, atol=1e-4)
 
 
+def test_an_sdxl_file_that_names_no_base_model_defaults_to_the_sdxl_base_model(tmp_path):
+    path = _sdxl_embedding(tmp_path / "<v>.safetensors", 0)
+    assert checkpoints.base_model(checkpoints.read(path)) == "stabilityai/stable-diffusion-xl-base-1.0"
+    with pytest.raises(FileNotFoundError, match="Could not load 'stabilityai/stable-diffusion-xl-base-1.0'"):
+        generate(path, ["a photo of {}"], tmp_path / "out", concept_word="star", **FAST)  # offline: not cached
+
+
+def test_sample_images_while_training_show_the_baseline_beside_tea_on_sdxl(sdxl_run):
+    from tea_lightning.inference import sample_grid
+
+    _, _, module = sdxl_run
+    grid = sample_grid(module, ["a photo of a {}"], steps=2, resolution=64)
+    assert grid.size == (2 * 64, 30 + 64)  # one column per setting under a header, one row per image
+    cells = np.asarray(grid)[30:]
+    assert not np.array_equal(cells[:, :64], cells[:, 64:]), "TEA changed nothing in the sample grid"
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 
 
@@ -442,7 +459,9 @@ def test_checkpoints_of_the_other_family_or_shape_are_refused_before_any_image(m
 
 
 def test_drift_callbacks_measure_each_encoder_under_keys_that_name_it(sdxl_run):
-    _, logged, module = sdxl_run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, logged, module = sdxl_run
     vector = {"norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
               "norm_percentile"}
     sets = {"inter_l2", "inter_hausdorff", "inter_mahalanobis", "inter_kl", "intra_l2", "intra_hausdorff",
@@ -451,6 +470,8 @@ def test_drift_callbacks_measure_each_encoder_under_keys_that_name_it(sdxl_run):
         f"drift_sets/{e}/{k}" for e in ("clip_l", "clip_g") for k in sets}
     assert {k for k in logged[4] if k.startswith("drift")} == expected
     assert logged[0]["drift/clip_g/norm_ratio"] == pytest.approx(1)
+    events = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert {t for t in events.Tags()["images"]} == {"drift/clip_l/vocab_norms", "drift/clip_g/vocab_norms"}
     # The contextual sets, encoded from scratch in one call and cut into each encoder's part of the states.
     from tea_lightning import drift
     from tea_lightning.prompt_sets import contextual_set
