@@ -8,11 +8,14 @@ diffusers' `unet.load_attn_procs` silently installs nothing for Custom Diffusion
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import Attention, CustomDiffusionAttnProcessor2_0
 from diffusers.utils import convert_state_dict_to_diffusers
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import Tensor, nn
@@ -59,8 +62,6 @@ def check_lora_shapes(path: str | Path, pipe) -> None:
 
 
 def tuner_layers(model: torch.nn.Module) -> int:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
@@ -104,6 +105,24 @@ def install_lora(pipe, state: dict[str, Tensor], where: str, base: str) -> None:
     if sum(tuner_layers(m) for m in _adapted_models(pipe)) == before:
         raise ValueError(f"The LoRA in {where} matched no layer of {base!r}, so it would change nothing. Pass "
                          "--pretrained with the model it was trained on.")
+
+
+@contextmanager
+def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
+    """While inside, the models' peft adapters (LoRA) are off: the base encoders (SDXL: both). Trainability is
+    restored after."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)
+              and not m.disable_adapters]
+    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
 
 
 # ------------------------------------------------------------------------------------------------ Custom Diffusion

@@ -69,16 +69,22 @@ class Concept:
     """A keyword as written in prompts ("<v>", "sks dog", "<new1> cat") and the word TEA pulls it towards ("man").
 
     `phrase` is what the tokenizer reads in the keyword's place: the keyword with each multi-vector token expanded
-    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself.
+    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself. `target` is what
+    stands in the keyword's place in the prompt-level target prompt; None means the concept word.
     """
 
     keyword: str
     concept_word: str | None = None
     phrase: str | None = None
+    target: str | None = None
 
     @property
     def text(self) -> str:
         return self.phrase or self.keyword
+
+    @property
+    def target_text(self) -> str:
+        return self.target or self.concept_word
 
 
 @dataclass
@@ -115,6 +121,32 @@ class Personalized:
     rows: list[LearnedRows]
     checkpoint: str
     base_model: str
+
+
+DEFAULT_RHO = 0.2  # the authors' rotation factor for Textual Inversion and Custom Diffusion
+DREAMBOOTH_RHO = 0.1  # and for DreamBooth (their run scripts, method.md §2)
+
+
+def modifier_targets(concepts: Sequence[Concept], learned: Sequence[str]) -> list[Concept]:
+    """Each concept with the prompt-level target the authors used for Custom Diffusion: only the learned tokens of
+    the keyword replaced by the concept word ("<new1> cat" → "cat cat"), so the target prompt has the prompt's
+    length and position i pairs with position i."""
+    result = []
+    for concept in concepts:
+        words = concept.keyword.split()
+        if not any(w in learned for w in words):
+            raise ValueError(f"target='modifier' replaces the learned tokens of a keyword, and {concept.keyword!r} "
+                             "holds none (a DreamBooth identifier is not learned); use target='word'.")
+        result.append(replace(concept, target=" ".join(concept.concept_word if w in learned else w for w in words)))
+    return result
+
+
+def default_rho(source: Source) -> float:
+    """The rotation factor the authors used for the method that wrote `source`: 0.1 for DreamBooth (a LoRA and no
+    learned token row), 0.2 otherwise."""
+    if source.module is not None:
+        return DREAMBOOTH_RHO if getattr(source.module, "method", None) == "dreambooth_lora" else DEFAULT_RHO
+    return DREAMBOOTH_RHO if source.lora is not None and not source.embeddings else DEFAULT_RHO
 
 
 # ----------------------------------------------------------------------------------------------- reading files

@@ -4,7 +4,8 @@
 The trained projections live in diffusers' own `CustomDiffusionAttnProcessor2_0` on every cross-attention, which
 also keeps the start token's key and value out of the gradient, as the authors did. The modifier tokens are
 `LearnedTokens` like Textual Inversion's vectors: one small fp32 parameter per token, initialised from its concept
-word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-word the reference script looks up.
+word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-word the reference script looks up;
+`initializer_token: ktn` starts them from the rare token the authors' runs used instead.
 
 Exports are what diffusers' Custom Diffusion example writes: `pytorch_custom_diffusion_weights.safetensors` and one
 `<token>.safetensors` per modifier token. On SDXL every modifier token learns a row in each text encoder
@@ -36,6 +37,9 @@ class CustomDiffusion(DiffusionModule):
         concept_word: One-token word of the concept's category ("cat"); prompts say "<new1> cat".
         modifier_token: The new token written before the concept word.
         train_q_out: Also train the cross-attention query and output projections (the authors' setting).
+        initializer_token: Start every modifier token from this word's row instead of its concept word's: the
+            authors' Custom Diffusion runs started from the rare token "ktn" (their script's default). Token-level
+            TEA still pulls towards the concept word; a start far from it leaves more to correct.
         concepts: Several concepts (filled from ``data.concepts`` by train.py); each brings its own modifier token.
         pretrained, seed, prior_loss_weight, gradient_checkpointing, regularizers, optimizer, lr_scheduler: see
             `DiffusionModule`.
@@ -44,7 +48,8 @@ class CustomDiffusion(DiffusionModule):
     method = "custom_diffusion"
 
     def __init__(self, concept_word: str | None = None, modifier_token: str = "<new1>", train_q_out: bool = False,
-                 concepts: list[TrainingConcept] | None = None, **kwargs) -> None:
+                 initializer_token: str | None = None, concepts: list[TrainingConcept] | None = None,
+                 **kwargs) -> None:
         pairs = self._token_pairs(concept_word, modifier_token, concepts)
         super().__init__(**kwargs)
         if concepts is not None:
@@ -53,15 +58,19 @@ class CustomDiffusion(DiffusionModule):
         self.concept_words = [word for _, word in pairs]
         self.concept_word = self.concept_words[0]
         concept_ids = [[single_token_id(t, word) for word in self.concept_words] for t in self.tokenizers]
-        for suffix, tokenizer, encoder, ids in zip(SUFFIXES, self.tokenizers, self.text_encoders, concept_ids,
-                                                   strict=False):
+        start_ids = concept_ids if initializer_token is None else \
+            [[single_token_id(t, initializer_token, "model.initializer_token")] * len(self.concept_words)
+             for t in self.tokenizers]
+        for suffix, tokenizer, encoder, ids, starts in zip(SUFFIXES, self.tokenizers, self.text_encoders,
+                                                           concept_ids, start_ids, strict=False):
             token_ids = add_new_tokens(tokenizer, self.modifier_tokens, what="model.modifier_token")
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             table = encoder.get_input_embeddings()
-            rows = table.weight[ids].detach().float().clone()  # [k, D]
+            concept_rows = table.weight[ids].detach().float().clone()  # [k, D]
+            rows = table.weight[starts].detach().float().clone()  # [k, D] where each modifier token starts
             with torch.no_grad():
                 table.weight[token_ids] = rows.to(table.weight.dtype)
-            self.register_buffer(f"concept_vectors{suffix}", rows.clone(), persistent=False)
+            self.register_buffer(f"concept_vectors{suffix}", concept_rows, persistent=False)
             # One fp32 parameter per token, spliced into the embedding output by its own hook.
             modifiers = nn.ModuleList(LearnedTokens(row[None], first_id=token_id)
                                       for row, token_id in zip(rows, token_ids, strict=True))

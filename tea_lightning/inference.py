@@ -53,6 +53,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
+from tea_lightning.adapters import adapters_disabled
 from tea_lightning.checkpoints import Personalized
 from tea_lightning.components import text_parts
 from tea_lightning.conditioning import PromptEmbeds, pipeline_arguments, split, widths
@@ -156,25 +157,6 @@ def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[Non
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextmanager
-def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
-    """While inside, the models' peft adapters (LoRA) are off: the base encoders. Trainability is restored after."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)
-              and not m.disable_adapters]
-    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
 
 
 @torch.no_grad()
@@ -309,10 +291,10 @@ def _resolve_device(device: str | None, dtype: str) -> tuple[torch.device, str]:
 
 
 def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[str], out: str | Path, *,
-             rhos: Sequence[float] = (0.2,), alphas: Sequence[float] = (0.5,), compare: bool = True,
+             rhos: Sequence[float] | None = None, alphas: Sequence[float] = (0.5,), compare: bool = True,
              num_images: int = 4, seed: int = 0, batch_size: int = 4, pretrained: str | None = None,
              scheduler: str = "dpm", steps: int = 50, guidance: float = 7.0, resolution: int | None = None,
-             mode: str = "auto", align: str = "span", target_encoder: str = "adapted",
+             mode: str = "auto", align: str = "span", target_encoder: str = "adapted", target: str = "word",
              concepts: Mapping[str, str] | Sequence[str] | None = None, negative_prompt: str | None = None,
              device: str | None = None, concept_word: str | None = None, concept_reduce: str = "error",
              dtype: str = "auto", progress: bool = True) -> list[ImageRecord]:
@@ -323,7 +305,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
             file (`tea_lightning.checkpoints.ACCEPTED`); several for several concepts.
         prompts: Templates with one `{}` for the keyword, or prompts that hold the keyword(s) literally.
         out: Output folder; an existing one is resumed only if it was made with the same settings.
-        rhos: Rotation factors in [0, 1]; every (rho, alpha) pair is generated (a sweep).
+        rhos: Rotation factors in [0, 1]; every (rho, alpha) pair is generated (a sweep). Default: the authors'
+            for the checkpoint's method, 0.1 for DreamBooth and 0.2 otherwise (`checkpoints.default_rho`).
         alphas: Norm factors in [0, 1].
         compare: Also generate the baseline (no TEA) from the same seeds.
         num_images: Images per prompt.
@@ -337,6 +320,9 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         mode: auto (token level when a token row was learned, else prompt level), token or prompt.
         align: Prompt level: span (true counterparts) or position (the authors' position-by-position pairing).
         target_encoder: Prompt level: adapted (the fine-tuned text encoder, as the authors) or base (adapters off).
+        target: Prompt level: what replaces the keyword in the target prompt. word: the concept word ("<new1> cat"
+            → "cat"); modifier: only the learned tokens ("<new1> cat" → "cat cat"), the authors' Custom Diffusion
+            (with mode="prompt", align="position").
         concepts: {keyword: concept word} (or "keyword=word" strings): names or overrides each concept.
         negative_prompt: Negative prompt (never adjusted); default: empty.
         device: cuda, cpu, ...; default: cuda when present.
@@ -349,7 +335,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         One record per image of this call (finished ones from an earlier run included), settings-major.
     """
     # Everything a user can get wrong is checked before the model loads.
-    rhos, alphas = check_factors("rho", rhos), check_factors("alpha", alphas)
+    rhos = None if rhos is None else check_factors("rho", rhos)
+    alphas = check_factors("alpha", alphas)
     for name, value in (("num_images", num_images), ("batch_size", batch_size), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}; use a whole number of at least 1.")
@@ -359,6 +346,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     _check_choice("mode", mode, ["auto", "token", "prompt"])
     _check_choice("align", align, ["span", "position"])
     _check_choice("target_encoder", target_encoder, ["adapted", "base"])
+    _check_choice("target", target, ["word", "modifier"])
     _check_choice("concept_reduce", concept_reduce, ["error", "mean"])
     torch_device, dtype = _resolve_device(device, dtype)
     out = Path(out).expanduser()
@@ -371,13 +359,17 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     if not paths:
         raise ValueError("checkpoint is empty; give the path of an export folder or an embedding/LoRA file.")
     source = checkpoints.merge([checkpoints.read(p, pretrained) for p in paths])
+    rhos = [checkpoints.default_rho(source)] if rhos is None else rhos
     found = checkpoints.resolve_concepts(source.concepts, concept_word, concepts)
+    if target == "modifier":
+        found = checkpoints.modifier_targets(found, list(source.embeddings))
     parsed = [parse_prompt(p, found) for p in prompts]
     base = checkpoints.base_model(source, pretrained)
     settings = {"checkpoint": source.path, "base_model": base, "prompts": [p.text for p in parsed],
                 "negative_prompt": negative_prompt or "", "seed": seed, "scheduler": scheduler, "steps": steps,
                 "guidance": float(guidance), "resolution": resolution, "mode": mode, "align": align,
                 "target_encoder": target_encoder, "concepts": [[c.keyword, c.concept_word] for c in found],
+                **({"target": target} if target != "word" else {}),
                 "concept_reduce": concept_reduce, "dtype": dtype}
     _check_out(out, settings)
 

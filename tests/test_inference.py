@@ -186,6 +186,32 @@ def test_target_encoder_base_encodes_the_target_with_the_adapters_off(tmp_path):
     assert all(p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "lora" in n), "trainability lost"
 
 
+def test_the_authors_custom_diffusion_target_replaces_only_the_modifier_and_pairs_position_by_position():
+    (concept,) = checkpoints.modifier_targets([Concept("<new1> star", "star")], ["<new1>"])
+    pipe = tiny_pipeline()
+    pipe.tokenizer.add_tokens(["<new1>"])
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    model = Personalized(pipe, [concept], [], "test", "tiny")
+    prompt = parse_prompt("{} on a boat in the sea", model.concepts)
+    assert prompt.target_text == "star star on a boat in the sea", "the class word stays, as in the authors' runs"
+    with torch.no_grad():
+        embeds = encode(pipe, [prompt.model_text]).states[0]
+        target = encode(pipe, [prompt.target_text]).states[0]
+        spans = [prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align=a).states[0]
+                 for a in ("span", "position")]
+    torch.testing.assert_close(spans[0], spans[1], atol=0, rtol=0)  # same length: both pairings are i with i
+    torch.testing.assert_close(spans[1], torch.stack([adjust(embeds[i], target[i], 0.2, 0.5) for i in range(77)]),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="holds none"):
+        checkpoints.modifier_targets([Concept("sks star", "star")], [])
+
+
+def test_dreambooth_checkpoints_default_to_the_authors_rho_of_0_1_and_others_to_0_2(embeddings):
+    assert checkpoints.default_rho(checkpoints.read(embeddings["man"])) == 0.2
+    lora = checkpoints.Source("x.safetensors", "DreamBooth LoRA", lora={"k": torch.zeros(1)})
+    assert checkpoints.default_rho(lora) == 0.1
+
+
 def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embeddings):
     source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(embeddings["dog"])])
     concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "<d>=dog"])
