@@ -40,8 +40,8 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
 
     Args:
         checkpoint: Export folder (exports/final), .ckpt, learned_embeds.safetensors, AUTOMATIC1111 .pt/.safetensors,
-            kohya embedding, SDXL embedding (clip_l + clip_g), pytorch_lora_weights.safetensors (diffusers or kohya
-            keys, SD or SDXL) or Custom Diffusion weights; several for several concepts.
+            kohya embedding, SDXL embedding (clip_l + clip_g), LoRA file (diffusers, peft or kohya keys, SD or SDXL)
+            or Custom Diffusion weights; several for several concepts.
         prompt: Prompts holding the keyword ("a photo of <v> wearing glasses") or templates with {} for it.
         prompts_file: A CSV with a 'prompt' column ({} marks the keyword) or a text file, one prompt per line.
         out: Output folder.
@@ -58,7 +58,8 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
         resolution: Image size in pixels (multiple of 8); default: the model's.
-        mode: auto: token level when a token row was learned (TI, Custom Diffusion), else prompt level (DreamBooth).
+        mode: auto: each keyword at its own level, token when it holds learned rows (TI, Custom Diffusion), else
+            prompt (DreamBooth LoRA); token or prompt: every keyword at that level.
         align: Prompt level: span pairs every token with its true counterpart; position pairs position i with i
             (the authors' code).
         target_encoder: Prompt level: encode the target prompt with the adapted (fine-tuned) or base text encoder.

@@ -17,7 +17,8 @@ rows), so without TEA the pipeline behaves exactly as stock diffusers would with
 from __future__ import annotations
 
 import importlib
-import pickle
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from diffusers import DPMSolverMultistepScheduler
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from tea_lightning.adapters import install_custom_diffusion, install_lora
+from tea_lightning.adapters import custom_diffusion_tensors, install_custom_diffusion, install_lora
 from tea_lightning.components import (
     DEFAULT_MODEL,
     DEFAULT_SDXL_MODEL,
@@ -42,10 +43,12 @@ from tea_lightning.components import (
 from tea_lightning.conditioning import ENCODER_NAMES, SUFFIXES
 from tea_lightning.export import (
     CUSTOM_DIFFUSION_WEIGHTS,
+    CUSTOM_DIFFUSION_WEIGHTS_BIN,
     DIFFUSERS_TI,
     DIFFUSERS_TI_FILES,
     LORA_WEIGHTS,
     TEA_JSON,
+    load_pickle,
     read_tea_json,
 )
 from tea_lightning.tokens import add_new_tokens, concept_row, placeholder_tokens
@@ -55,12 +58,15 @@ ACCEPTED = """Accepted checkpoints:
     learned_embeds.safetensors, pytorch_lora_weights.safetensors or pytorch_custom_diffusion_weights.safetensors
   - a tea-lightning Lightning checkpoint (.ckpt)
   - a diffusers Textual Inversion file (.safetensors/.bin holding {token: [n, D]})
-  - an AUTOMATIC1111 embedding (.pt with string_to_param, .safetensors with emb_params; kohya's emb_params too)
+  - an AUTOMATIC1111 embedding (.pt with string_to_param, .safetensors with emb_params; kohya's and ai-toolkit's too)
   - an SDXL embedding (.safetensors with clip_l and clip_g: AUTOMATIC1111, ComfyUI, kohya), or a folder holding
     diffusers' learned_embeds.safetensors and learned_embeds_2.safetensors
   - a Custom Diffusion token file (<token>.safetensors/.bin holding {token: [D]})
-  - a DreamBooth LoRA file (pytorch_lora_weights.safetensors; diffusers or kohya keys, SDXL's too)
-  - Custom Diffusion weights (pytorch_custom_diffusion_weights.safetensors/.bin)"""
+  - a LoRA file: pytorch_lora_weights.safetensors (diffusers or peft keys; a stored lora_alpha is honoured), kohya
+    keys (lora_unet_/lora_te_ with .alpha; lora_te1_/lora_te2_ for SDXL), or a UNet adapter written by
+    unet.save_lora_adapter
+  - Custom Diffusion weights (pytorch_custom_diffusion_weights.safetensors, or .bin as diffusers' script writes with
+    --no_safe_serialization)"""
 _PICKLES = (".pt", ".bin", ".pth")
 
 
@@ -69,13 +75,16 @@ class Concept:
     """A keyword as written in prompts ("<v>", "sks dog", "<new1> cat") and the word TEA pulls it towards ("man").
 
     `phrase` is what the tokenizer reads in the keyword's place: the keyword with each multi-vector token expanded
-    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself. `target` is what
-    stands in the keyword's place in the prompt-level target prompt; None means the concept word.
+    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself. `learned` says
+    that the keyword holds learned token rows (Textual Inversion, Custom Diffusion), which TEA adjusts at token
+    level; a keyword without (a LoRA's "sks dog") is adjusted at prompt level. `target` is what stands in the
+    keyword's place in the prompt-level target prompt; None means the concept word.
     """
 
     keyword: str
     concept_word: str | None = None
     phrase: str | None = None
+    learned: bool = False
     target: str | None = None
 
     @property
@@ -107,7 +116,8 @@ class Source:
     base_model: str | None = None
     concepts: list[Concept] = field(default_factory=list)
     embeddings: dict[str, list[Tensor]] = field(default_factory=dict)  # token -> rows [k, D_e] per text encoder
-    lora: dict[str, Tensor] | None = None
+    lora: str | None = None  # the LoRA file, installed by diffusers' own loader (which reads its metadata)
+    sdxl_lora: bool = False  # the LoRA adapts a second text encoder: SDXL's
     custom_diffusion: dict[str, Tensor] | None = None
     module: Any = None  # a DiffusionModule rebuilt from a .ckpt that is not plain Textual Inversion
 
@@ -133,11 +143,13 @@ def modifier_targets(concepts: Sequence[Concept], learned: Sequence[str]) -> lis
     length and position i pairs with position i."""
     result = []
     for concept in concepts:
-        words = concept.keyword.split()
-        if not any(w in learned for w in words):
+        target = concept.keyword
+        for token in learned:  # whole words; a token may hold a space (AUTOMATIC1111's "pink star")
+            target = _token_pattern(token).sub(lambda _, word=concept.concept_word: word, target)
+        if target == concept.keyword:
             raise ValueError(f"target='modifier' replaces the learned tokens of a keyword, and {concept.keyword!r} "
                              "holds none (a DreamBooth identifier is not learned); use target='word'.")
-        result.append(replace(concept, target=" ".join(concept.concept_word if w in learned else w for w in words)))
+        result.append(replace(concept, target=target))
     return result
 
 
@@ -172,21 +184,25 @@ def _load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         except (SafetensorError, OSError) as error:
             raise ValueError(f"checkpoint={str(path)!r} is not a readable safetensors file ({error}).") from error
     if path.suffix in _PICKLES:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"checkpoint={str(path)!r} holds Python objects beyond tensors, and pickle files are only loaded with "
-                "torch.load(weights_only=True) because a full unpickle can run arbitrary code. Convert it to "
-                f".safetensors where it was made, or use a file you trust in another format. ({error})") from error
-        except (RuntimeError, EOFError) as error:
-            raise ValueError(f"checkpoint={str(path)!r} is not a readable PyTorch file ({error}). "
-                             f"{ACCEPTED}") from error
+        data = load_pickle(path)
         if not isinstance(data, dict):
             raise ValueError(f"checkpoint={str(path)!r} holds a {type(data).__name__}, not a dict of tensors. "
                              f"{ACCEPTED}")
         return data, {}
     raise ValueError(f"checkpoint={str(path)!r} has the unknown suffix {path.suffix!r}. {ACCEPTED}")
+
+
+def _metadata_name(metadata: dict[str, str]) -> str | None:
+    """The token name an embedding's safetensors metadata records. ai-toolkit JSON-encodes every value
+    (`"name": "\"pinkstar\""`), so a JSON string is unquoted."""
+    name = metadata.get("name")
+    if name and name.startswith('"'):
+        try:
+            decoded = json.loads(name)
+        except json.JSONDecodeError:
+            return name
+        return decoded if isinstance(decoded, str) else name
+    return name
 
 
 def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Source:
@@ -197,8 +213,8 @@ def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Sou
         tensor = params.get("*", next(iter(params.values()), None)) if isinstance(params, dict) else None
         name = data.get("name") if isinstance(data.get("name"), str) else path.stem
         return _embedding_source(where, "AUTOMATIC1111 embedding", {name: tensor})
-    if "emb_params" in data:  # AUTOMATIC1111 / kohya: {"emb_params": [n, D]}; the token is the file's name
-        name = metadata.get("name") or path.stem
+    if "emb_params" in data:  # AUTOMATIC1111 / kohya / ai-toolkit: {"emb_params": [n, D]}; named by file or metadata
+        name = _metadata_name(metadata) or path.stem
         return _embedding_source(where, "AUTOMATIC1111/kohya embedding", {name: data["emb_params"]})
     sdxl_keys = [k for k in ENCODER_NAMES if k in data]
     if sdxl_keys:  # SDXL (AUTOMATIC1111, ComfyUI, kohya): {"clip_l": [n, 768], "clip_g": [n, 1280]}, named by the file
@@ -212,9 +228,11 @@ def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Sou
                                  {name: [data[k] for k in ENCODER_NAMES]})
     keys = list(data)
     if keys and any("_custom_diffusion" in k for k in keys):
-        return Source(where, "Custom Diffusion weights", custom_diffusion=_tensors(where, data))
+        return Source(where, "Custom Diffusion weights", custom_diffusion=custom_diffusion_tensors(data, where))
     if keys and all("lora" in k for k in keys):
-        return Source(where, "LoRA weights", lora=_tensors(where, data))
+        _tensors(where, data)
+        sdxl = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)  # a second text encoder: SDXL's
+        return Source(where, "SDXL LoRA weights" if sdxl else "LoRA weights", lora=where, sdxl_lora=sdxl)
     if keys and all(isinstance(v, Tensor) and v.ndim in (1, 2) and "." not in k for k, v in data.items()):
         return _embedding_source(where, "diffusers Textual Inversion embedding", data)
     shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
@@ -254,7 +272,7 @@ def _read_folder(folder: Path) -> Source:
     ti = first(DIFFUSERS_TI, "learned_embeds.bin")
     ti_2 = first(DIFFUSERS_TI_FILES[1], "learned_embeds_2.bin")  # SDXL: the second text encoder's rows
     lora = first(LORA_WEIGHTS, "pytorch_lora_weights.bin")
-    custom = first(CUSTOM_DIFFUSION_WEIGHTS, "pytorch_custom_diffusion_weights.bin")
+    custom = first(CUSTOM_DIFFUSION_WEIGHTS, CUSTOM_DIFFUSION_WEIGHTS_BIN)
     parts = [_classify(p, *_load_tensors(p)) for p in (ti, lora, custom) if p is not None]
     if ti_2 is not None:
         parts[0] = _pair_diffusers_embeddings(folder, ti, ti_2, parts[0] if ti is not None else None)
@@ -298,11 +316,7 @@ def _pair_diffusers_embeddings(folder: Path, ti: Path | None, ti_2: Path, first:
 
 
 def _read_lightning(path: Path, pretrained: str | None) -> Source:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"checkpoint={str(path)!r} holds Python objects beyond tensors; .ckpt files are only "
-                         f"loaded with torch.load(weights_only=True). ({error})") from error
+    checkpoint = load_pickle(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     state = checkpoint.get("state_dict") or {}
     if not hparams or not state:
@@ -370,6 +384,7 @@ def merge(sources: Sequence[Source]) -> Source:
                 if getattr(merged, kind) is not None:
                     raise ValueError(f"Two checkpoints hold {kind.replace('_', ' ')} weights; load one at a time.")
                 setattr(merged, kind, getattr(source, kind))
+        merged.sdxl_lora = merged.sdxl_lora or source.sdxl_lora
         merged.concepts += [c for c in source.concepts if c.keyword not in {m.keyword for m in merged.concepts}]
     return merged
 
@@ -399,8 +414,9 @@ def parse_concepts(concepts: Mapping[str, str] | Sequence[str] | None) -> dict[s
 def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
                      concepts: Mapping[str, str] | Sequence[str] | None = None) -> list[Concept]:
     """The checkpoint's concepts with the user's words applied: `concept_word` names the word of the only concept;
-    `concepts` ({keyword: word}) sets the word of a listed keyword or adds a keyword (DreamBooth LoRA files do not
-    say what their keyword is). Every concept must end up with a word."""
+    `concepts` ({keyword: word}) sets the word of a listed keyword, widens a file's token to a keyword holding it
+    ("<new1> cat" for the token "<new1>"), or adds a keyword (DreamBooth LoRA files do not say what their keyword
+    is). Every concept must end up with a word."""
     result = list(found)
     if concept_word is not None:
         if len(result) != 1:
@@ -410,10 +426,12 @@ def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
         result = [replace(result[0], concept_word=concept_word)]
     for keyword, word in parse_concepts(concepts).items():
         index = next((i for i, c in enumerate(result) if c.keyword == keyword), None)
+        if index is None:  # a keyword around a file's token ("<new1> cat" for "<new1>") takes the token's place
+            index = next((i for i, c in enumerate(result) if _token_pattern(c.keyword).search(keyword)), None)
         if index is None:
             result.append(Concept(keyword, word))
         else:
-            result[index] = replace(result[index], concept_word=word)
+            result[index] = replace(result[index], keyword=keyword, concept_word=word)
     if not result:
         raise ValueError("The checkpoint does not say which keyword it learned (a bare LoRA or Custom Diffusion "
                          "file). Name it and its concept word with --concept 'sks dog=dog'.")
@@ -424,9 +442,15 @@ def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
     return result
 
 
-def _owner(concepts: Sequence[Concept], token: str) -> Concept:
+def _token_pattern(token: str) -> re.Pattern:
+    """A token as a whole word of a keyword; the token may hold spaces (AUTOMATIC1111's "pink star")."""
+    return re.compile(rf"(?<!\S){re.escape(token)}(?!\S)")
+
+
+def owner(concepts: Sequence[Concept], token: str) -> Concept:
+    """The concept whose keyword holds the learned `token` as a whole word."""
     for concept in concepts:
-        if token in concept.keyword.split():
+        if _token_pattern(token).search(concept.keyword):
             return concept
     raise ValueError(f"The learned token {token!r} appears in no keyword {[c.keyword for c in concepts]}; name its "
                      f"concept word with --concept '{token}=WORD'.")
@@ -435,15 +459,10 @@ def _owner(concepts: Sequence[Concept], token: str) -> Concept:
 # ------------------------------------------------------------------------------------------------ installing
 
 
-def _is_sdxl_lora(state: dict[str, Tensor] | None) -> bool:
-    """A LoRA that adapts a second text encoder (diffusers' `text_encoder_2.`, kohya's `lora_te2_`) is SDXL's."""
-    return state is not None and any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in state)
-
-
 def base_model(source: Source, pretrained: str | None = None) -> str:
     """The base model to install `source` into: the user's, else the one the checkpoint records, else the default of
     its family (SDXL's base for a file with rows for two text encoders or an SDXL LoRA, SD 1.5 otherwise)."""
-    sdxl = any(len(rows) == 2 for rows in source.embeddings.values()) or _is_sdxl_lora(source.lora)
+    sdxl = any(len(rows) == 2 for rows in source.embeddings.values()) or source.sdxl_lora
     return pretrained or source.base_model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
 
 
@@ -461,7 +480,7 @@ def check_family(source: Source, base: str, family: str) -> None:
         if len(rows) != count:
             raise ValueError(f"{source.path}: {token!r} is {_kind_of(rows)}, but the base model {base!r} is "
                              f"{FAMILY_NAMES[family]}. Pass --pretrained with {other}.")
-    if family != SDXL and _is_sdxl_lora(source.lora):
+    if family != SDXL and source.sdxl_lora:
         raise ValueError(f"{source.path} is an SDXL LoRA (it adapts a second text encoder), but the base model "
                          f"{base!r} is {FAMILY_NAMES[family]}. Pass --pretrained with {other}.")
 
@@ -507,22 +526,32 @@ def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = 
                 for table, first_id, encoder_rows in zip(tables, first_ids[token], rows, strict=True):
                     table.weight[first_id:first_id + len(encoder_rows)] = encoder_rows.to(table.weight.dtype)
     if source.lora is not None:
-        install_lora(pipe, source.lora, source.path, base)
+        install_lora(pipe, source.lora, base)
     if source.custom_diffusion is not None:
         install_custom_diffusion(pipe.unet, source.custom_diffusion, source.path, base)
 
-    multi = {token: " ".join(placeholder_tokens(token, len(rows[0]))) for token, rows in source.embeddings.items()
-             if len(rows[0]) > 1}
-    concepts = [replace(c, phrase=" ".join(multi.get(w, w) for w in c.keyword.split()) if multi else None)
+    owners = {token: owner(concepts, token).keyword for token in source.embeddings}
+    concepts = [replace(c, phrase=_phrase(c.keyword, source.embeddings), learned=c.keyword in owners.values())
                 for c in concepts]
     learned = []
     for token, rows in source.embeddings.items():
-        word = _owner(concepts, token).concept_word
+        word = next(c.concept_word for c in concepts if c.keyword == owners[token])
         for e, (tokenizer, table, first_id, encoder_rows) in enumerate(
                 zip(tokenizers, tables, first_ids[token], rows, strict=True)):
             target = concept_row(tokenizer, table.weight, word, concept_reduce)
             learned.append(LearnedRows(first_id, encoder_rows, target.expand_as(encoder_rows).clone(), e))
     return Personalized(pipe, list(concepts), learned, source.path, base)
+
+
+def _phrase(keyword: str, embeddings: dict[str, list[Tensor]]) -> str | None:
+    """What the tokenizer reads for `keyword`: each multi-vector token expanded as diffusers names its rows
+    (`<v>` → `<v> <v>_1`); None when nothing expands."""
+    phrase = keyword
+    for token, rows in embeddings.items():
+        if len(rows[0]) > 1:
+            expansion = " ".join(placeholder_tokens(token, len(rows[0])))
+            phrase = _token_pattern(token).sub(lambda _, text=expansion: text, phrase)
+    return None if phrase == keyword else phrase
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -546,6 +575,7 @@ def from_module(module, scheduler=None, concepts: Sequence[Concept] | None = Non
             vectors, targets = module.learned_vectors(e)  # [k, D] each
         except NotImplementedError:
             break
+        concepts = [replace(c, learned=True) for c in concepts]
         if len(concepts) == 1 and concepts[0].concept_word != module.concept_word:
             table = encoder.get_input_embeddings().weight
             targets = concept_row(tokenizer, table, concepts[0].concept_word, concept_reduce).expand_as(vectors)

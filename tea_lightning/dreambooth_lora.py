@@ -3,7 +3,10 @@ identifier before the concept word ("a photo of sks dog"), usually with prior pr
 
 The adapters are peft LoRA layers; everything else stays frozen. The export is the file diffusers'
 `StableDiffusionPipeline.save_lora_weights` writes (`StableDiffusionXLPipeline`'s on SDXL, with both text encoders'
-layers), so `pipe.load_lora_weights(folder)` loads it unchanged.
+layers), with the standard text-encoder names, so `pipe.load_lora_weights(folder)` loads it unchanged on
+transformers 4 and 5; beside it the same adapters in kohya's layout (`lora_unet_…`/`lora_te_…` with `.alpha`; on
+SDXL `lora_te1_…`/`lora_te2_…` and the original UNet's block names, as kohya's SDXL files have them) for
+AUTOMATIC1111 and ComfyUI.
 """
 
 from __future__ import annotations
@@ -11,11 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from tea_lightning import export
-from tea_lightning.adapters import diffusers_lora_layers
-from tea_lightning.components import pipeline_class
+from tea_lightning.adapters import diffusers_lora_layers, kohya_lora_layers, sgm_unet_names, standard_text_encoder_names
+from tea_lightning.components import SDXL, pipeline_class
 from tea_lightning.conditioning import SUFFIXES
 from tea_lightning.module import DiffusionModule
 from tea_lightning.seeding import sample_seed
@@ -53,9 +56,9 @@ class DreamBoothLoRA(DiffusionModule):
         super().__init__(**kwargs)
         self.concept_word, self.identifier = concept_word, identifier
         self.trains_text_encoder = train_text_encoder
-        self.lora_scale = (rank if lora_alpha is None else lora_alpha) / rank
-        config = dict(r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha, lora_dropout=dropout,
-                      init_lora_weights="gaussian")
+        self.lora_alpha = rank if lora_alpha is None else lora_alpha
+        self.lora_scale = self.lora_alpha / rank
+        config = dict(r=rank, lora_alpha=self.lora_alpha, lora_dropout=dropout, init_lora_weights="gaussian")
         # inject_adapter_in_model creates the LoRA tensors trainable and in fp32; the base weights stay frozen. Their
         # random start comes from the seed, so two modules built alike start alike (resume, DDP, comparisons).
         with torch.random.fork_rng(devices=[]):
@@ -82,11 +85,30 @@ class DreamBoothLoRA(DiffusionModule):
         layers = {"unet_lora_layers": diffusers_lora_layers(self.unet, self.lora_scale)}
         if self.trains_text_encoder:  # text_encoder_lora_layers, and text_encoder_2_lora_layers on SDXL
             for suffix, encoder in zip(SUFFIXES, self.text_encoders, strict=False):
-                layers[f"text_encoder{suffix}_lora_layers"] = diffusers_lora_layers(encoder, self.lora_scale)
+                layers[f"text_encoder{suffix}_lora_layers"] = standard_text_encoder_names(
+                    diffusers_lora_layers(encoder, self.lora_scale))
         # The family's stock writer names the keys; our save function makes the write atomic and refuses NaN.
         pipeline_class(self.family).save_lora_weights(
             folder, **layers, weight_name=export.LORA_WEIGHTS,
             save_function=lambda tensors, path: export.write_safetensors(tensors, Path(path), {"format": "pt"}))
+        export.write_safetensors(self.kohya_layers(), folder / export.KOHYA_LORA, {
+            "ss_network_module": "networks.lora", "ss_network_dim": str(self.hparams.rank),
+            "ss_network_alpha": str(self.lora_alpha), "format": "pt"})
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
                               concept_word=self.concept_word, step=step, identifier=self.identifier,
                               rank=self.hparams.rank, trains_text_encoder=self.trains_text_encoder)
+
+    def kohya_layers(self) -> dict[str, torch.Tensor]:
+        """The adapters as kohya's sd-scripts name them: `lora_unet_…` (SD 1.x: diffusers' module paths, the UNet
+        kohya trains SD 1.x on; SDXL: the original UNet's block names, `sgm_unet_names`) and `lora_te_…` (SDXL:
+        `lora_te1_…`, `lora_te2_…`), each with its `.alpha`."""
+        unet = get_peft_model_state_dict(self.unet)
+        if self.family == SDXL:
+            unet = sgm_unet_names(unet, self.unet.config.layers_per_block)
+        kohya = kohya_lora_layers(unet, "lora_unet", self.lora_alpha)
+        if self.trains_text_encoder:
+            prefixes = ("lora_te",) if self.num_text_encoders == 1 else ("lora_te1", "lora_te2")
+            for prefix, encoder in zip(prefixes, self.text_encoders, strict=True):
+                kohya |= kohya_lora_layers(standard_text_encoder_names(get_peft_model_state_dict(encoder)), prefix,
+                                           self.lora_alpha)
+        return kohya

@@ -316,9 +316,9 @@ def evaluate(
         guidance: Classifier-free guidance scale.
         resolution: Generated image size (default: the model's).
         generation_batch_size: Images per generation batch.
-        mode: TEA level of generation (see infer.py): auto (token level when a token row was learned), token or
-            prompt. The authors applied TEA to Custom Diffusion at prompt level: mode prompt, target modifier,
-            align position.
+        mode: TEA level of generation (see infer.py): auto (each keyword at its own level: token when it holds
+            learned rows, else prompt), token or prompt. The authors applied TEA to Custom Diffusion at prompt
+            level: mode prompt, target modifier, align position.
         align: Prompt level: span (true counterparts) or position (the authors').
         target_encoder: Prompt level: adapted (the authors') or base text encoder for the target prompt.
         target: Prompt level: word (concept word in the keyword's place) or modifier (only learned tokens replaced,

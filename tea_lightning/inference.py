@@ -14,9 +14,11 @@ TEA changes only the text embeddings; the images come from the stock pipeline of
   partner in the second (`align="span"`: every token with its true counterpart; `align="position"`: position i
   with position i, as the authors did); on SDXL each encoder's part of the states on its own. The negative prompt
   is never adjusted.
+- **mixed** (a LoRA and an embedding together, `mode="auto"`): each concept at its own level. The learned rows are
+  adjusted while both prompts are encoded, and the target prompt replaces only the keywords without learned rows.
 
 SDXL's pooled embedding (the second encoder's projected end-of-text state, added to the UNet's timestep embedding)
-follows TEA at both levels. At token level it comes out of the same forward pass as the states, from the adjusted
+follows TEA at every level. At token level it comes out of the same forward pass as the states, from the adjusted
 rows. At prompt level it is adjusted towards the target prompt's pooled embedding with the same rho and alpha: it
 is the end-of-text position of the second encoder, which both alignments pair with the target's end of text, and a
 keyword that dominates the prompt dominates this summary too; left alone it would keep the collapsed keyword's
@@ -54,7 +56,7 @@ from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
 from tea_lightning.adapters import adapters_disabled
-from tea_lightning.checkpoints import Personalized
+from tea_lightning.checkpoints import Concept, Personalized
 from tea_lightning.components import text_parts
 from tea_lightning.conditioning import PromptEmbeds, pipeline_arguments, split, widths
 from tea_lightning.conditioning import encode as encode_conditioning
@@ -76,7 +78,8 @@ THUMBNAIL = 256  # grid cells are at most this many pixels wide
 class ImageRecord:
     """One generated image and how it was made (its sidecar JSON holds every field but `path`).
 
-    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt") are None for baseline images.
+    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt" | "mixed") are None for baseline
+    images.
     `prompt` is the prompt as given to the model (keyword filled in), `template` the same with `{}` in place of
     each keyword. With several concepts, `keyword` and `concept_word` list them joined by ", ".
     """
@@ -163,8 +166,8 @@ def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[Non
 def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: Setting, *, level: str = "token",
                       align: str = "span", target_encoder: str = "adapted",
                       concept_reduce: str = "error") -> PromptEmbeds:
-    """Text embeddings of `prompts` under `setting` (baseline or TEA at `level`): states `[B, 77, D]` and, for
-    SDXL, pooled `[B, P]`."""
+    """Text embeddings of `prompts` under `setting` (baseline or TEA at `level`: token, prompt or mixed, see the
+    module docstring): states `[B, 77, D]` and, for SDXL, pooled `[B, P]`."""
     pipe = model.pipe
     texts = [p.model_text for p in prompts]
     if setting.rho is None:
@@ -173,9 +176,12 @@ def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: S
         with adjusted_rows(model, setting.rho, setting.alpha):
             return encode(pipe, texts)
     tokenizers, encoders = text_parts(pipe)
-    embeds = encode(pipe, texts)
-    with adapters_disabled(*encoders) if target_encoder == "base" else nullcontext():
-        target = encode(pipe, [p.target_text for p in prompts]).to(torch.float32)
+    if level == "mixed":
+        prompts = [p.without_learned() for p in prompts]
+    with adjusted_rows(model, setting.rho, setting.alpha) if level == "mixed" else nullcontext():
+        embeds = encode(pipe, texts)
+        with adapters_disabled(*encoders) if target_encoder == "base" else nullcontext():
+            target = encode(pipe, [p.target_text for p in prompts]).to(torch.float32)
     parts = []
     for tokenizer, states, target_states in zip(tokenizers, split(embeds.states, widths(encoders)),
                                                 split(target.states, widths(encoders)), strict=True):
@@ -251,6 +257,20 @@ def table(columns: Sequence[Sequence[Image.Image]], headers: Sequence[str], cell
 # ------------------------------------------------------------------------------------------------ generate
 
 
+def tea_level(concepts: Sequence[Concept], mode: str, kind: str) -> str:
+    """The level TEA runs at: `mode` token or prompt for every concept, or for auto each concept's own (token when
+    its keyword holds learned rows, prompt otherwise): "token", "prompt" or "mixed" when both meet."""
+    if mode == "prompt":
+        return "prompt"
+    without = [c.keyword for c in concepts if not c.learned]
+    if mode == "token" and without:
+        raise ValueError(f"mode='token' needs learned token rows, and the keyword(s) {without} of the {kind} have "
+                         "none; use mode 'auto' (each keyword at its own level) or 'prompt'.")
+    if not without:
+        return "token"
+    return "prompt" if len(without) == len(concepts) else "mixed"
+
+
 def check_factors(name: str, values: Sequence[float]) -> list[float]:
     values = list(values)
     if not values:
@@ -317,7 +337,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
         resolution: Image size in pixels (multiple of 8); default: the model's.
-        mode: auto (token level when a token row was learned, else prompt level), token or prompt.
+        mode: auto (each keyword at its own level: token when it holds learned rows, else prompt), token or
+            prompt.
         align: Prompt level: span (true counterparts) or position (the authors' position-by-position pairing).
         target_encoder: Prompt level: adapted (the fine-tuned text encoder, as the authors) or base (adapters off).
         target: Prompt level: what replaces the keyword in the target prompt. word: the concept word ("<new1> cat"
@@ -378,14 +399,11 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     parsed = [parse_prompt(p, model.concepts) for p in prompts]  # with multi-vector phrases
     for prompt in parsed:
         token_spans(pipe.tokenizer, prompt)
-    level = ("token" if model.rows else "prompt") if mode == "auto" else mode
-    if level == "token" and not model.rows:
-        raise ValueError(f"mode='token' needs a learned token row, and {source.path} (a {source.kind}) has none; "
-                         "use mode 'prompt' (or 'auto').")
-    if level == "prompt":
+    level = tea_level(model.concepts, mode, source.kind)
+    if level != "token":
         for prompt in parsed:
             for tokenizer in text_parts(pipe)[0]:
-                pairing(tokenizer, prompt, align, concept_reduce)
+                pairing(tokenizer, prompt.without_learned() if level == "mixed" else prompt, align, concept_reduce)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(torch_device)
     if dtype != "fp32":
@@ -450,7 +468,7 @@ def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: fl
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     prompts = [parse_prompt(t, model.concepts) for t in templates]
-    level = "token" if model.rows else "prompt"
+    level = tea_level(model.concepts, "auto", type(module).__name__)
     for prompt in prompts:
         pairing(pipe.tokenizer, prompt) if level == "prompt" else token_spans(pipe.tokenizer, prompt)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -40,6 +40,12 @@ class Prompt:
         """The prompt with each keyword replaced by its concept word (the prompt-level target; `Concept.target`)."""
         return "".join(p if isinstance(p, str) else p.target_text for p in self.parts)
 
+    def without_learned(self) -> Prompt:
+        """The prompt as prompt-level TEA sees it when concepts of both levels meet: each keyword with learned rows
+        becomes plain text (its rows are adjusted at token level), so only the other keywords are replaced in the
+        target prompt and paired with their concept words."""
+        return Prompt(tuple(p.text if isinstance(p, Concept) and p.learned else p for p in self.parts), self.template)
+
 
 def parse_prompt(raw: str, concepts: Sequence[Concept]) -> Prompt:
     """A template with one `{}` (filled with the only concept's keyword) or a prompt holding keywords literally.

@@ -262,3 +262,33 @@ def test_generation_uses_the_available_accelerator_in_half_precision_by_default(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference._resolve_device(None, "auto") == (torch.device("cpu"), "fp32")
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_a_lora_and_an_embedding_together_each_get_their_own_level(embeddings, tmp_path):
+    from helpers import lora_module
+    from tea_lightning.export import LORA_WEIGHTS
+
+    lora_module(rank=2).export(tmp_path, step=0)
+    source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(tmp_path / LORA_WEIGHTS)])
+    concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "sks circle=circle"])
+    model = checkpoints.build(source, concepts, pretrained="tiny")
+    assert [(c.keyword, c.learned) for c in model.concepts] == [("<m>", True), ("sks circle", False)]
+    prompt = parse_prompt("a photo of <m> next to sks circle", model.concepts)
+    tokenizer = model.pipe.tokenizer
+    before = 1 + len(tokenizer("a photo of <m> next to", add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="mixed").states[0]
+        words = encode(model.pipe, ["a photo of man next to sks circle"]).states[0]
+        target = encode(model.pipe, ["a photo of man next to circle"]).states[0]
+    # token level: <m>'s row became man's, so the text up to the LoRA keyword reads "a photo of man next to"
+    torch.testing.assert_close(full[:before], words[:before], atol=1e-5, rtol=0)
+    # prompt level: both tokens of "sks circle" land on "circle", later tokens on their counterparts
+    torch.testing.assert_close(full[before:before + 2], target[before].expand(2, -1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(full[before + 2:], target[before + 1:76], atol=1e-4, rtol=0)
+
+    common = dict(concepts=["<m>=man", "sks circle=circle"], pretrained="tiny", num_images=1, **FAST)
+    paths = [embeddings["man"], tmp_path / LORA_WEIGHTS]
+    records = generate(paths, ["a photo of <m> next to sks circle"], tmp_path / "out", **common)
+    assert {r.level for r in records} == {None, "mixed"}
+    with pytest.raises(ValueError, match=r"mode='token' needs learned token rows.*\['sks circle'\]"):
+        generate(paths, ["a photo of <m> next to sks circle"], tmp_path / "token", mode="token", **common)

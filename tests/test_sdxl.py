@@ -28,7 +28,7 @@ from tea_lightning.callbacks import CollapseAlarm, ContextualDrift, EmbeddingDri
 from tea_lightning.checkpoints import Concept
 from tea_lightning.components import SD, SDXL, load_components, load_pipeline, model_family, text_parts
 from tea_lightning.data import ConceptDataModule
-from tea_lightning.export import LORA_WEIGHTS
+from tea_lightning.export import KOHYA_LORA, LORA_WEIGHTS
 from tea_lightning.inference import Setting, encode, generate, prompt_embeddings
 from tea_lightning.prompt_sets import fill
 from tea_lightning.prompting import parse_prompt
@@ -347,74 +347,55 @@ def test_every_sdxl_embedding_format_reads_to_the_same_rows(sdxl_run, tmp_path):
             torch.testing.assert_close(got, want, rtol=0, atol=0, msg=str(path))
 
 
-def _kohya(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
-    """A diffusers-key LoRA renamed the way kohya's sd-scripts names SDXL LoRAs: `lora_te1_`/`lora_te2_` + the
-    text model's module path, `lora_unet_` + the module path of the original (SGM) UNet, `_` for `.`, with
-    `lora_down`/`lora_up` and an `alpha` equal to the rank (scale 1, as diffusers' files assume)."""
-    import re
-
-    def unet_path(path: str) -> str:
-        path = re.sub(r"down_blocks\.(\d+)\.attentions\.(\d+)",
-                      lambda m: f"input_blocks.{1 + int(m[1]) * (layers_per_block + 1) + int(m[2])}.1", path)
-        path = re.sub(r"up_blocks\.(\d+)\.attentions\.(\d+)",
-                      lambda m: f"output_blocks.{int(m[1]) * (layers_per_block + 1) + int(m[2])}.1", path)
-        return path.replace("mid_block.attentions.0", "middle_block.1")
-
-    out = {}
-    for key, tensor in state.items():
-        prefix, _, rest = key.partition(".")
-        path, kind = re.match(r"(.*)\.(?:lora|lora_linear_layer)\.(down|up)\.weight", rest).groups()
-        if prefix == "unet":
-            name = "lora_unet_" + unet_path(path).replace(".", "_")
-        else:
-            name = ("lora_te1_" if prefix == "text_encoder" else "lora_te2_") + (
-                path if path.startswith("text_model.") else f"text_model.{path}").replace(".", "_")
-        out[f"{name}.lora_{kind}.weight"] = tensor
-        if kind == "down":
-            out[f"{name}.alpha"] = torch.tensor(float(tensor.shape[0]))
-    return out
-
-
-def test_a_kohya_sdxl_lora_reads_like_its_diffusers_twin(tmp_path):
+def test_the_kohya_copy_of_an_sdxl_lora_is_named_as_kohya_names_sdxl_loras_and_reads_like_its_diffusers_twin(
+        tmp_path):
     module = lora_module(pretrained="tiny-sdxl")
     with torch.no_grad():
         for name, p in module.named_parameters():
             if ".lora_B." in name:
                 p.normal_(generator=torch.Generator().manual_seed(len(name)))
     module.export(tmp_path, step=0)
-    kohya = tmp_path / "kohya" / "my_lora.safetensors"
-    kohya.parent.mkdir()
-    save_file(_kohya(load_file(tmp_path / LORA_WEIGHTS), module.unet.config.layers_per_block), kohya)
-    assert any(k.startswith("lora_te2_") for k in load_file(kohya))
+    kohya = load_file(tmp_path / KOHYA_LORA)
+    # kohya's sd-scripts train SDXL on the original UNet: down_blocks.1.attentions.0 is input_blocks.3.1 there.
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k.lora_down.weight" in kohya
+    assert {k.split("_text_model")[0] for k in kohya if k.startswith("lora_te")} == {"lora_te1", "lora_te2"}
     prompt = "a photo of sks star"
-    embeds = []
-    for path in (tmp_path / LORA_WEIGHTS, kohya):
+    outputs = []
+    for path in (tmp_path / LORA_WEIGHTS, tmp_path / KOHYA_LORA):
         model = _build(path, "tiny-sdxl", concepts=["sks star=star"])
-        parsed = [parse_prompt(prompt, model.concepts)]
         with torch.no_grad():
-            embeds.append(prompt_embeddings(model, parsed, Setting(0.2, 0.5), level="prompt"))
-            unet_out = model.pipe.unet(torch.ones(1, 4, 8, 8), 10, embeds[-1].states, added_cond_kwargs={
-                "text_embeds": embeds[-1].pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
-        embeds.append(unet_out)
-    torch.testing.assert_close(embeds[2].states, embeds[0].states, rtol=0, atol=1e-5)
-    torch.testing.assert_close(embeds[3], embeds[1], rtol=0, atol=1e-4)
+            embeds = prompt_embeddings(model, [parse_prompt(prompt, model.concepts)], Setting(0.2, 0.5),
+                                       level="prompt")
+            unet_out = model.pipe.unet(torch.ones(1, 4, 8, 8), 10, embeds.states, added_cond_kwargs={
+                "text_embeds": embeds.pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}).sample
+        outputs.append((embeds, unet_out))
+    (diffusers_embeds, diffusers_unet), (kohya_embeds, kohya_unet) = outputs
+    torch.testing.assert_close(kohya_embeds.states, diffusers_embeds.states, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kohya_embeds.pooled, diffusers_embeds.pooled, rtol=0, atol=1e-5)
+    torch.testing.assert_close(kohya_unet, diffusers_unet, rtol=0, atol=1e-4)
 
 
-def test_an_sdxl_file_that_names_no_base_model_defaults_to_the_sdxl_base_model(tmp_path):
-    path = _sdxl_embedding(tmp_path / "<v>.safetensors", 0)
-    assert checkpoints.base_model(checkpoints.read(path)) == "stabilityai/stable-diffusion-xl-base-1.0"
-    with pytest.raises(FileNotFoundError, match="Could not load 'stabilityai/stable-diffusion-xl-base-1.0'"):
-        generate(path, ["a photo of {}"], tmp_path / "out", concept_word="star", **FAST)  # offline: not cached
+def test_a_baked_sdxl_embedding_gives_stock_diffusers_token_level_teas_embeddings(sdxl_run, tiny_sdxl_dir, tmp_path):
+    from tea_lightning.bake import bake
 
-
-def test_sample_images_while_training_show_the_baseline_beside_tea_on_sdxl(sdxl_run):
-    from tea_lightning.inference import sample_grid
-
-    _, _, module = sdxl_run
-    grid = sample_grid(module, ["a photo of a {}"], steps=2, resolution=64)
-    assert grid.size == (2 * 64, 30 + 64)  # one column per setting under a header, one row per image
-    cells = np.asarray(grid)[30:]
-    assert not np.array_equal(cells[:, :64], cells[:, 64:]), "TEA changed nothing in the sample grid"
+    run, _, _ = sdxl_run
+    final = run / "exports" / "final"
+    bake(final, tmp_path / "baked", rho=0.3, alpha=0.7)
+    webui = load_file(tmp_path / "baked" / "webui" / "v.safetensors")
+    assert sorted(webui) == ["clip_g", "clip_l"]
+    assert not (tmp_path / "baked" / "diffusers").exists()
+    stock = load_pipeline(str(tiny_sdxl_dir))
+    stock.load_textual_inversion(webui["clip_l"], token="<v>", text_encoder=stock.text_encoder,
+                                 tokenizer=stock.tokenizer)
+    stock.load_textual_inversion(webui["clip_g"], token="<v>", text_encoder=stock.text_encoder_2,
+                                 tokenizer=stock.tokenizer_2)
+    model = _build(final, str(tiny_sdxl_dir))
+    prompt = "a photo of <v> wearing glasses"
+    with torch.no_grad():
+        tea = prompt_embeddings(model, [parse_prompt(prompt, model.concepts)], Setting(0.3, 0.7), level="token")
+        states, _, pooled, _ = stock.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=False)
+    torch.testing.assert_close(states, tea.states, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, tea.pooled, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------- bad input
