@@ -262,7 +262,7 @@ def test_custom_diffusion_on_sdxl_trains_a_modifier_row_per_encoder_and_generate
         torch.testing.assert_close(token_file[name], module.learned_vectors(e)[0].detach(), rtol=0, atol=0)
         assert not torch.equal(token_file[name], module.learned_vectors(e)[1]), f"{name} row did not train"
     model = _build(final, "tiny-sdxl")
-    assert model.concepts == [Concept("<new1> star", "star")]
+    assert model.concepts == [Concept("<new1> star", "star", learned=True)]
     assert sorted(r.encoder for r in model.rows) == [0, 1]
     prompt = parse_prompt("a photo of <new1> star", model.concepts)
     with torch.no_grad():
