@@ -42,8 +42,8 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
 
     Args:
         checkpoint: Export folder (exports/final), .ckpt, learned_embeds.safetensors, AUTOMATIC1111 .pt/.safetensors,
-            kohya embedding, LoRA file (diffusers, peft or kohya keys) or Custom Diffusion weights; several for
-            several concepts.
+            kohya embedding, SDXL embedding (clip_l + clip_g), LoRA file (diffusers, peft or kohya keys, SD or SDXL)
+            or Custom Diffusion weights; several for several concepts.
         prompt: Prompts holding the keyword ("a photo of <v> wearing glasses") or templates with {} for it.
         prompts_file: A CSV with a 'prompt' column ({} marks the keyword) or a text file, one prompt per line.
         out: Output folder.
@@ -54,7 +54,8 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
         num_images: Images per prompt.
         seed: Base seed; each image's seed derives from (seed, prompt index, image index).
         batch_size: Images per pipeline call.
-        pretrained: Base model (hub id or folder); default: the one the checkpoint records, else SD 1.5.
+        pretrained: Base model (hub id or folder); default: the one the checkpoint records, else SD 1.5 (the SDXL
+            base model for SDXL embeddings and LoRAs).
         scheduler: dpm is DPM-Solver multistep, the paper's.
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.

@@ -46,6 +46,7 @@ class TextOnlyTextualInversion(torch.nn.Module):
 
     trains_text_encoder = False
     keyword = "<v>"
+    num_text_encoders = 1
     tokenize = DiffusionModule.tokenize
     encode_prompts = DiffusionModule.encode_prompts
 
@@ -66,14 +67,22 @@ class TextOnlyTextualInversion(torch.nn.Module):
     def device(self) -> torch.device:
         return self.learned.vectors.device
 
-    def learned_vectors(self):
+    @property
+    def tokenizers(self) -> list:
+        return [self.tokenizer]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [self.text_encoder]
+
+    def learned_vectors(self, encoder: int = 0):
         return self.learned.vectors, self.learned.vectors
 
 
 def per_prompt(module, p_templates: list[str], s_templates: list[str]) -> dict[str, float]:
     """The reference: every sentence alone, all three sets at every measurement."""
     def encode(prompts: list[str]) -> torch.Tensor:
-        return torch.cat([module.encode_prompts([p])[:, -1].float() for p in prompts])
+        return torch.cat([module.encode_prompts([p]).states[:, -1].float() for p in prompts])
 
     with torch.no_grad():
         p_keyword = encode([fill(t, module.keyword) for t in p_templates])

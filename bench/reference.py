@@ -1,13 +1,16 @@
 """The reference training step: what diffusers' example scripts do every step, written from their description in
-`shared/reference/users-and-costs.md` (textual_inversion.py, train_dreambooth_lora.py, train_custom_diffusion.py).
+`shared/reference/users-and-costs.md` (textual_inversion.py, train_dreambooth_lora.py, train_custom_diffusion.py,
+and for SDXL textual_inversion_sdxl.py and train_dreambooth_lora_sdxl.py).
 
 - the image goes through the VAE encoder every step;
-- the prompt goes through the text encoder every step;
+- the prompt goes through the text encoder(s) every step; for SDXL both encoders' penultimate hidden states are
+  concatenated, the second's pooled output and the time ids (original size, crop, target size) go to the UNet;
 - UNet forward and backward under fp16/bf16 autocast, frozen UNet and VAE in that half type on CUDA
   (`weight_dtype`), trainables fp32;
 - new tokens (Textual Inversion's placeholder, Custom Diffusion's modifier) are trained as rows of the whole
   token-embedding matrix: AdamW holds state for all 49,408 × 768 entries; Textual Inversion restores the frozen rows
-  from a copy after every step, Custom Diffusion zeroes their gradients before the step;
+  from a copy after every step, Custom Diffusion zeroes their gradients before the step; on SDXL the rows of both
+  encoders train this way (diffusers' SDXL script trains the first encoder's only; tea-lightning trains both);
 - LoRA (peft adapters, as `add_adapter` makes them) or Custom Diffusion's key/value attention processors train
   inside the UNet.
 
@@ -26,11 +29,10 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor2_0, CustomDiffusionAttnProcessor2_0
 from peft import LoraConfig, inject_adapter_in_model
 
-from tea_lightning.components import load_components
+from tea_lightning.components import SDXL, load_components
 from tea_lightning.module import _HALF, DiffusionModule
 from tea_lightning.prompt_sets import fill
 from tea_lightning.seeding import sample_seed
-from tea_lightning.speed import learned_token_ids, spliced_tokens
 
 DIFFUSERS_LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -54,22 +56,24 @@ class Template:
     seed: int
     pretrained: str
     new_tokens: list[str]
-    new_rows: torch.Tensor | None
+    new_rows: list[torch.Tensor] | None  # per text encoder
     unet_peft: Any
     unet_init: dict[str, torch.Tensor]
     text_peft: Any
-    text_init: dict[str, torch.Tensor]
+    text_init: list[dict[str, torch.Tensor]]  # per text encoder
 
     @classmethod
     def of(cls, module: DiffusionModule) -> Template:
         """Read from a module that has not trained yet."""
-        spliced = spliced_tokens(module)
-        ids = sorted(learned_token_ids(module))
-        rows = torch.cat([m.vectors.detach().float().clone() for m in spliced]) if spliced else None
+        encoders = range(module.num_text_encoders)
+        spliced = [sorted(module.token_modules(e), key=lambda m: m.first_id) for e in encoders]
+        ids = [m.first_id + i for m in spliced[0] for i in range(len(m.vectors))]
+        rows = [torch.cat([m.vectors.detach().float().clone() for m in s]) for s in spliced] if ids else None
         return cls(method=module.method, keyword=module.keyword, seed=int(module.hparams.seed),
                    pretrained=module.pretrained, new_tokens=module.tokenizer.convert_ids_to_tokens(ids),
                    new_rows=rows, unet_peft=_peft_config(module.unet), unet_init=_trainables(module.unet),
-                   text_peft=_peft_config(module.text_encoder), text_init=_trainables(module.text_encoder))
+                   text_peft=_peft_config(module.text_encoder),
+                   text_init=[_trainables(e) for e in module.text_encoders])
 
 
 class ReferenceStep:
@@ -91,47 +95,53 @@ class ReferenceStep:
         self.autocast = half if half is not None and str(precision).endswith("-mixed") else None
         self.weight_dtype = half if (half is not None and device.type == "cuda") else torch.float32
         parts = load_components(template.pretrained)
-        self.tokenizer, self.scheduler = parts.tokenizer, parts.noise_scheduler
-        self.text_encoder, self.vae, self.unet = parts.text_encoder, parts.vae, parts.unet
+        self.sdxl, self.scheduler = parts.family == SDXL, parts.noise_scheduler
+        self.tokenizers, self.text_encoders = parts.tokenizers, parts.text_encoders
+        self.tokenizer, self.text_encoder = parts.tokenizer, parts.text_encoder  # the first (SD's only) ones
+        self.vae, self.unet = parts.vae, parts.unet
 
-        self.new_ids = self._add_tokens(template)  # TI placeholder / CD modifier rows, trained via the whole matrix
+        # TI placeholder / CD modifier rows of each text encoder, trained via the whole matrix.
+        self.encoder_ids = [self._add_tokens(template, e) for e in range(len(self.text_encoders))]
+        self.new_ids = self.encoder_ids[0]
         self._add_unet_adapters(template)
         if template.text_peft is not None:  # DreamBooth with text-encoder LoRA
-            inject_adapter_in_model(template.text_peft, self.text_encoder)
-            _copy_into(self.text_encoder, template.text_init)
+            for encoder, initial in zip(self.text_encoders, template.text_init, strict=True):
+                inject_adapter_in_model(copy.deepcopy(template.text_peft), encoder)
+                _copy_into(encoder, initial)
 
-        # Frozen parts in weight_dtype, trainables fp32; the text encoder stays fp32 when its token table trains.
-        for model in (self.vae, self.unet, self.text_encoder):
+        # Frozen parts in weight_dtype, trainables fp32; a text encoder stays fp32 when its token table trains.
+        for model in (self.vae, self.unet, *self.text_encoders):
             model.to(device)
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-                elif not (model is self.text_encoder and self.new_ids):
+                elif not (model in self.text_encoders and self.new_ids):
                     p.data = p.data.to(self.weight_dtype)
-        self.trainable = [p for m in (self.unet, self.text_encoder) for p in m.parameters() if p.requires_grad]
+        self.trainable = [p for m in (self.unet, *self.text_encoders) for p in m.parameters() if p.requires_grad]
         if not self.trainable:
             raise ValueError(f"The reference for {template.method!r} found nothing to train.")
         self.optimizer = torch.optim.AdamW(self.trainable, lr=lr, weight_decay=weight_decay, eps=eps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.autocast == torch.float16)
         if self.new_ids:
-            self.orig_embeds_params = self.text_encoder.get_input_embeddings().weight.data.clone()
+            self.orig_embeds_params = [e.get_input_embeddings().weight.data.clone() for e in self.text_encoders]
         self.step_count = 0
 
     # ----- set-up: the same trainables as ours ----------------------------------------------------------------------
-    def _add_tokens(self, template: Template) -> list[int]:
+    def _add_tokens(self, template: Template, encoder: int) -> list[int]:
         if not template.new_tokens:
             return []
-        base = len(self.tokenizer)
-        self.tokenizer.add_tokens(template.new_tokens)
-        ids = self.tokenizer.convert_tokens_to_ids(template.new_tokens)
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        table = self.text_encoder.get_input_embeddings()
+        tokenizer, text_encoder = self.tokenizers[encoder], self.text_encoders[encoder]
+        base = len(tokenizer)
+        tokenizer.add_tokens(template.new_tokens)
+        ids = tokenizer.convert_tokens_to_ids(template.new_tokens)
+        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        table = text_encoder.get_input_embeddings()
         if template.new_rows is not None:
             with torch.no_grad():
-                table.weight[ids] = template.new_rows.to(table.weight.dtype)
+                table.weight[ids] = template.new_rows[encoder].to(table.weight.dtype)
         if ids != list(range(base, base + len(ids))):
             raise RuntimeError(f"The reference tokenizer gave the new tokens {template.new_tokens} ids {ids}.")
-        self.text_encoder.requires_grad_(False)
+        text_encoder.requires_grad_(False)
         table.requires_grad_(True)  # the whole matrix, as the reference scripts do
         return ids
 
@@ -172,16 +182,24 @@ class ReferenceStep:
         """The scripts' loss: fresh VAE latents, fresh text encoding, MSE of the UNet's prediction."""
         pixel_values = batch["pixel_values"].to(self.device, non_blocking=True)
         prompts = [fill(template, self.keyword) for template in batch["template"]]
-        input_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt").input_ids.to(self.device)
+        input_ids = [t(prompts, padding="max_length", max_length=t.model_max_length, truncation=True,
+                       return_tensors="pt").input_ids.to(self.device) for t in self.tokenizers]
         latents = self.vae.encode(pixel_values.to(self.weight_dtype)).latent_dist.sample(generator=generator)
         latents = latents.detach() * self.vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator, device=latents.device)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        encoder_hidden_states = self.text_encoder(input_ids)[0].to(self.weight_dtype)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states).sample
+        if self.sdxl:  # textual_inversion_sdxl.py / train_dreambooth_lora_sdxl.py
+            outputs = [e(ids, output_hidden_states=True) for e, ids in zip(self.text_encoders, input_ids, strict=True)]
+            encoder_hidden_states = torch.cat([o.hidden_states[-2] for o in outputs], dim=-1).to(self.weight_dtype)
+            size = list(pixel_values.shape[-2:])
+            time_ids = torch.tensor([list(o) + list(c) + size for o, c in zip(
+                batch["original_size"].tolist(), batch["crop_top_left"].tolist(), strict=True)], device=self.device)
+            added = {"text_embeds": outputs[1][0].to(self.weight_dtype), "time_ids": time_ids.to(self.weight_dtype)}
+        else:
+            encoder_hidden_states, added = self.text_encoder(input_ids[0])[0].to(self.weight_dtype), None
+        prediction = self.unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -194,29 +212,32 @@ class ReferenceStep:
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             loss = self.loss(batch, generator)
         self.scaler.scale(loss).backward()
-        if self.new_ids and self.method.startswith("custom"):
-            # train_custom_diffusion.py: zero the gradients of every row but the modifier tokens'.
-            grads = self.text_encoder.get_input_embeddings().weight.grad
-            index_grads_to_zero = torch.arange(len(self.tokenizer)) != self.new_ids[0]
-            for token_id in self.new_ids[1:]:
-                index_grads_to_zero = index_grads_to_zero & (torch.arange(len(self.tokenizer)) != token_id)
-            grads.data[index_grads_to_zero, :] = grads.data[index_grads_to_zero, :].fill_(0)
+        custom = self.method.startswith("custom")
+        for tokenizer, encoder, ids in zip(self.tokenizers, self.text_encoders, self.encoder_ids, strict=True):
+            if ids and custom:
+                # train_custom_diffusion.py: zero the gradients of every row but the modifier tokens'.
+                grads = encoder.get_input_embeddings().weight.grad
+                index_grads_to_zero = torch.arange(len(tokenizer)) != ids[0]
+                for token_id in ids[1:]:
+                    index_grads_to_zero = index_grads_to_zero & (torch.arange(len(tokenizer)) != token_id)
+                grads.data[index_grads_to_zero, :] = grads.data[index_grads_to_zero, :].fill_(0)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
-        if self.new_ids and not self.method.startswith("custom"):
-            # textual_inversion.py: put back every row but the placeholder's (weight decay moved them all).
-            index_no_updates = torch.ones((len(self.tokenizer),), dtype=torch.bool)
-            index_no_updates[min(self.new_ids): max(self.new_ids) + 1] = False
-            with torch.no_grad():
-                self.text_encoder.get_input_embeddings().weight[index_no_updates] = (
-                    self.orig_embeds_params[index_no_updates])
+        for tokenizer, encoder, ids, original in zip(self.tokenizers, self.text_encoders, self.encoder_ids,
+                                                     self.orig_embeds_params if self.new_ids else [], strict=False):
+            if not custom:
+                # textual_inversion.py: put back every row but the placeholder's (weight decay moved them all).
+                index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
+                index_no_updates[min(ids): max(ids) + 1] = False
+                with torch.no_grad():
+                    encoder.get_input_embeddings().weight[index_no_updates] = original[index_no_updates]
         self.step_count += 1
         return loss.detach()
 
-    def learned_rows(self) -> torch.Tensor:
-        """The trained token rows `[k, D]` (Textual Inversion / Custom Diffusion)."""
-        return self.text_encoder.get_input_embeddings().weight[self.new_ids].detach()
+    def learned_rows(self, encoder: int = 0) -> torch.Tensor:
+        """The trained token rows `[k, D]` of text encoder `encoder` (Textual Inversion / Custom Diffusion)."""
+        return self.text_encoders[encoder].get_input_embeddings().weight[self.encoder_ids[encoder]].detach()
 
 
 def _copy_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> int:

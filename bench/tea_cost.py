@@ -99,8 +99,8 @@ def batching(pipe, n: int, steps: int, resolution: int, repeats: int, sync) -> t
         t = median_seconds({
             "batched": lambda: render(pipe, embeds, negative, list(range(n)), steps=steps, guidance=7.0,
                                       resolution=resolution),
-            "one per call": lambda: [render(pipe, embeds[i:i + 1], negative, [i], steps=steps, guidance=7.0,
-                                            resolution=resolution) for i in range(n)],
+            "one per call": lambda: [render(pipe, embeds.select(slice(i, i + 1)), negative, [i], steps=steps,
+                                            guidance=7.0, resolution=resolution) for i in range(n)],
         }, repeats, sync)
     return t["batched"] / n, t["one per call"] / n
 

@@ -3,6 +3,8 @@
     python bench/train_step.py --arch tiny --method ti --steps 2             # CI smoke (seconds)
     python bench/train_step.py --arch sd15 --method all --batch 1 --steps 30  # SD 1.5 architecture, on a GPU
     python bench/train_step.py --arch sd15 --method ti --ablate              # each speed-up off, side by side
+    python bench/train_step.py --arch sdxl --method all --steps 10           # SDXL architecture at 1024 px, on a GPU
+    python bench/train_step.py --arch tiny-sdxl --method all --steps 6       # the SDXL code path at toy size (CPU)
 
 Every contestant (the reference, tea-lightning with its defaults, and any `--variant`) trains its own copy of the
 same weights on the same data stream at the same precision, in this one process. Each runs in its own thread and
@@ -509,14 +511,16 @@ def known_peak(device: torch.device) -> float | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", choices=ARCHS, default="tiny", help="tiny (CI) or sd15 (SD 1.5 architecture)")
+    parser.add_argument("--arch", choices=ARCHS, default="tiny",
+                        help="tiny / tiny-sdxl (CI), sd15 or sdxl (SD 1.5's or SDXL's architecture, random weights)")
     parser.add_argument("--method", choices=[*METHODS, "all"], default="ti")
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes to run, one after another")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per contestant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contestant first (≥ 1)")
     parser.add_argument("--block", type=int, default=None, help="steps per turn (default: steps/3, at least 1)")
     parser.add_argument("--precision", default="auto", help="Lightning precision; auto = bf16-mixed on CUDA, else 32")
-    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: 512 for sd15, 64 for tiny)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="pixels (default: 512 for sd15, 1024 for sdxl, 64 for tiny and tiny-sdxl)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--images", type=int, default=6, help="how many of the 6 pink-star images to train on")
     parser.add_argument("--flip-p", type=float, default=0.5, help="horizontal flip probability")
@@ -525,7 +529,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ablate", action="store_true", help="add one row per speed-up turned off")
     parser.add_argument("--no-reference", action="store_true", help="only tea-lightning rows (ablations)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak TFLOP/s for MFU (default: known GPUs)")
-    parser.add_argument("--cache-dir", default="~/.cache/tea-lightning-bench", help="where sd15 weights are saved")
+    parser.add_argument("--cache-dir", default="~/.cache/tea-lightning-bench",
+                        help="where the sd15 and sdxl weights are saved")
     parser.add_argument("--json", default=None, help="append one JSON line per row to this file")
     parser.add_argument("--summarize", default=None, metavar="JSONL", help="print the table of a JSON-lines file")
     args = parser.parse_args(argv)
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("--device cuda but no CUDA device is visible")
     device = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
     precision = args.precision if args.precision != "auto" else ("bf16-mixed" if want_cuda else "32")
-    resolution = args.resolution or (512 if args.arch == "sd15" else 64)
+    resolution = args.resolution or {"sd15": 512, "sdxl": 1024}.get(args.arch, 64)
     env = environment(device)
     print("# " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     pretrained = model_folder(args.arch, Path(args.cache_dir))

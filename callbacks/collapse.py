@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from tea_lightning.callbacks.export import run_dir
+from tea_lightning.conditioning import encoder_label
 from tea_lightning.drift import cosine, norm_percentile
 from tea_lightning.drift_measure import vocabulary_norms
 
@@ -86,9 +87,14 @@ class CollapseAlarm(L.Callback):
         self._last_step = step
 
     def findings(self, pl_module: L.LightningModule) -> list[str]:
-        """One line per learned vector that crossed a limit; empty when all is well."""
-        vectors, concept = pl_module.learned_vectors()  # [k, D] each
-        vocab = vocabulary_norms(pl_module.tokenizer, pl_module.text_encoder)
+        """One line per learned vector that crossed a limit; empty when all is well. On SDXL each text encoder's
+        rows are checked against that encoder's vocabulary and named by it ("clip_g vector 0: ...")."""
+        count = pl_module.num_text_encoders
+        return [line for e in range(count) for line in self._findings(pl_module, e, encoder_label(e, count))]
+
+    def _findings(self, pl_module: L.LightningModule, encoder: int, label: str) -> list[str]:
+        vectors, concept = pl_module.learned_vectors(encoder)  # [k, D] each
+        vocab = vocabulary_norms(pl_module.tokenizers[encoder], pl_module.text_encoders[encoder])
         found = []
         for i, (v, c) in enumerate(zip(vectors.detach(), concept.detach(), strict=True)):
             norm, percentile, cos = v.norm().item(), norm_percentile(v.norm(), vocab), cosine(v, c).item()
@@ -99,7 +105,7 @@ class CollapseAlarm(L.Callback):
             if cos < self.min_cosine:
                 reasons.append(f"cos(V*, {pl_module.concept_word!r}) = {cos:.3f} (limit {self.min_cosine:g})")
             if reasons:
-                found.append(f"vector {i}: " + "; ".join(reasons))
+                found.append(f"{label + ' ' if label else ''}vector {i}: " + "; ".join(reasons))
         return found
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

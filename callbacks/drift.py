@@ -7,10 +7,12 @@
   filled with V* against P filled with c (inter-set), against itself (intra-set) and against the simple set S.
 
 Both read the module only through the method contract (`keyword`, `concept_word`, `trains_text_encoder`,
-`learned_vectors()`, `encode_prompts`, `tokenize`, `text_encoder`, `tokenizer`), run on rank 0 only, under
+`learned_vectors(encoder)`, `encode_prompts`, `tokenize`, `text_encoders`, `tokenizers`), run on rank 0 only, under
 `no_grad`, in the trainer's precision, and leave train/eval flags and the global RNG as they found them: a run with
 them ends with the same trainables as one without. A UNet-only method (DreamBooth LoRA without the text encoder)
 learns nothing in text space, so its text-space drift is zero by construction; the callbacks say so once and skip.
+SDXL's two text encoders are measured each on its own, under keys that name them (`drift/clip_l/norm`,
+`drift_sets/clip_g/inter_l2`, `drift/clip_l/vocab_norms`); SD 1.x/2.x keys name none.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing_extensions import override
 
 from tea_lightning import drift
 from tea_lightning.adapters import adapters_disabled
+from tea_lightning.conditioning import SUFFIXES, widths
 from tea_lightning.drift_measure import (
     BLUE,
     GREY,
@@ -40,12 +43,10 @@ from tea_lightning.drift_measure import (
     encode_set,
     histogram_image,
     load_prompt_set,
+    metric_key,
     vocabulary_norms,
 )
 from tea_lightning.prompt_sets import fill
-
-HISTOGRAM_TAG = VECTOR_PREFIX + "vocab_norms"
-
 
 # ------------------------------------------------------------------------------------------------- shared helpers
 
@@ -61,13 +62,13 @@ def check_every_n_steps(every_n_steps: int, owner: str) -> int:
 def measuring(module: torch.nn.Module, forward_context: contextlib.AbstractContextManager | None = None) -> Iterator:
     """No gradients, the text encoder in eval mode, the trainer's precision; train/eval flags and the global RNG
     (CPU and the module's accelerator) are put back afterwards, so measuring never changes what training does."""
-    encoder: torch.nn.Module = module.text_encoder
-    modes = [(m, m.training) for m in encoder.modules()]
+    modes = [(m, m.training) for encoder in module.text_encoders for m in encoder.modules()]
     device = module.device
     fork = (torch.random.fork_rng(devices=[]) if device.type == "cpu" else
             torch.random.fork_rng(devices=[device.index or 0], device_type=device.type))
     with fork, torch.no_grad(), forward_context or contextlib.nullcontext():
-        encoder.eval()
+        for encoder in module.text_encoders:
+            encoder.eval()
         try:
             yield
         finally:
@@ -136,8 +137,9 @@ class EmbeddingDrift(_EveryNSteps):
     `drift/norm_ratio` |V*|/|c|, `drift/cosine_concept` and `drift/angle_concept_deg` between V* and c,
     `drift/cosine_initial` between V* and its value at the start of training, `drift/norm_percentile` the
     percentage of vocabulary norms below |V*|. Image (TensorBoard only): `drift/vocab_norms`, the histogram of the
-    vocabulary norms with V*, c and the start/end-of-text tokens marked. Methods that learn no token vectors
-    (DreamBooth) are skipped with a note: their drift shows at the prompt level, in `ContextualDrift`.
+    vocabulary norms with V*, c and the start/end-of-text tokens marked. On SDXL each text encoder's rows are
+    measured against that encoder's vocabulary: `drift/clip_l/norm`, `drift/clip_g/norm`, ... Methods that learn no
+    token vectors (DreamBooth) are skipped with a note: their drift shows at the prompt level, in `ContextualDrift`.
 
     Args:
         every_n_steps: Steps between measurements (each costs a few vector norms: any value is cheap).
@@ -147,9 +149,11 @@ class EmbeddingDrift(_EveryNSteps):
     def __init__(self, every_n_steps: int = 100, histogram: bool = True) -> None:
         super().__init__(every_n_steps)
         self.histogram = histogram
-        self.initial: Tensor | None = None  # V* at the start of training; kept in checkpoints, so resume agrees
+        # V* at the start of training, per text encoder (`initial_2`: SDXL's second); kept in checkpoints.
+        self.initial: Tensor | None = None
+        self.initial_2: Tensor | None = None
         self._applies = True
-        self._vocab_norms: Tensor | None = None
+        self._vocab_norms: list[Tensor] | None = None
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -160,25 +164,36 @@ class EmbeddingDrift(_EveryNSteps):
                      "drift to log; its drift shows at the prompt level (ContextualDrift) when it trains the text "
                      "encoder, and is zero by construction when it does not.")
 
+    def _initial(self, encoder: int, vectors: Tensor) -> Tensor:
+        """V* of text encoder `encoder` at the start of training (`vectors` when not yet recorded)."""
+        name = f"initial{SUFFIXES[encoder]}"
+        if getattr(self, name) is None:
+            setattr(self, name, vectors.detach().float().cpu().clone())
+        return getattr(self, name)
+
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._applies and self.initial is None:
-            self.initial = pl_module.learned_vectors()[0].detach().float().cpu().clone()
+        if self._applies:
+            for e in range(pl_module.num_text_encoders):
+                self._initial(e, pl_module.learned_vectors(e)[0])
         super().on_train_start(trainer, pl_module)
 
     def compute(self, module: L.LightningModule) -> dict[str, float]:
         """The vector drift of `module`'s learned rows now, keyed like the logged scalars."""
+        count, values, vocab_norms = module.num_text_encoders, {}, self.vocab_norms(module)
         with torch.no_grad():
-            vectors, concept_rows = module.learned_vectors()
-            if self.initial is None:
-                self.initial = vectors.detach().float().cpu().clone()
-            values = embedding_drift(vectors, concept_rows, self.initial, self.vocab_norms(module))
-        return {VECTOR_PREFIX + key: value for key, value in values.items()}
+            for e in range(count):
+                vectors, concept_rows = module.learned_vectors(e)
+                measured = embedding_drift(vectors, concept_rows, self._initial(e, vectors), vocab_norms[e])
+                values.update({metric_key(VECTOR_PREFIX, key, e, count): value for key, value in measured.items()})
+        return values
 
-    def vocab_norms(self, module: L.LightningModule) -> Tensor:
+    def vocab_norms(self, module: L.LightningModule) -> list[Tensor]:
+        """The vocabulary norms `[V]` of each text encoder."""
         # The vocabulary is frozen unless the text encoder trains: compute its norms once.
         if self._vocab_norms is None or module.trains_text_encoder:
-            self._vocab_norms = vocabulary_norms(module.tokenizer, module.text_encoder)
+            self._vocab_norms = [vocabulary_norms(t, e) for t, e in zip(module.tokenizers, module.text_encoders,
+                                                                        strict=True)]
         return self._vocab_norms
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -189,14 +204,19 @@ class EmbeddingDrift(_EveryNSteps):
         log_metrics(trainer, metrics, step)
         writers = _tensorboards(trainer)
         if self.histogram and writers:
-            image = histogram_image(self.vocab_norms(module), self._marks(module, metrics))
-            for writer in writers:
-                writer.add_image(HISTOGRAM_TAG, image, global_step=step, dataformats="HWC")
+            count = module.num_text_encoders
+            for e in range(count):
+                image = histogram_image(self.vocab_norms(module)[e], self._marks(module, metrics, e))
+                for writer in writers:
+                    writer.add_image(metric_key(VECTOR_PREFIX, "vocab_norms", e, count), image, global_step=step,
+                                     dataformats="HWC")
 
-    def _marks(self, module: L.LightningModule, metrics: dict[str, float]) -> dict[str, tuple[float, tuple]]:
-        tokenizer, norms = module.tokenizer, self.vocab_norms(module)
-        marks = {"V*": (metrics[VECTOR_PREFIX + "norm"], RED),
-                 str(module.concept_word): (metrics[VECTOR_PREFIX + "concept_norm"], BLUE)}
+    def _marks(self, module: L.LightningModule, metrics: dict[str, float],
+               encoder: int) -> dict[str, tuple[float, tuple]]:
+        tokenizer, norms = module.tokenizers[encoder], self.vocab_norms(module)[encoder]
+        count = module.num_text_encoders
+        marks = {"V*": (metrics[metric_key(VECTOR_PREFIX, "norm", encoder, count)], RED),
+                 str(module.concept_word): (metrics[metric_key(VECTOR_PREFIX, "concept_norm", encoder, count)], BLUE)}
         for name, token_id in (("start", tokenizer.bos_token_id), ("end", tokenizer.eos_token_id)):
             if token_id is not None and token_id < len(norms):
                 marks[name] = (float(norms[token_id]), GREY)
@@ -204,11 +224,11 @@ class EmbeddingDrift(_EveryNSteps):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial}
+        return {"initial": self.initial, "initial_2": self.initial_2}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.initial = state_dict.get("initial")
+        self.initial, self.initial_2 = state_dict.get("initial"), state_dict.get("initial_2")
 
 
 # ----------------------------------------------------------------------------------------------- prompt level
@@ -226,9 +246,11 @@ class ContextualDrift(_EveryNSteps):
     text-encoder LoRA). For such a method the authors' own drift is logged too, the same "sks dog" sentences
     encoded by the trained encoder and by the base encoder (adapters off): `drift_sets/base_paired_l2` (mean
     distance sentence by sentence, starts at 0) and `drift_sets/base_cosine` (starts at 1), the authors' two
-    DreamBooth curves, and `drift_sets/base_<m>` for the four set distances (Hausdorff and KL start at 0). For a
-    method that learns neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift is zero
-    by construction: that is logged once and nothing is encoded.
+    DreamBooth curves, and `drift_sets/base_<m>` for the four set distances (Hausdorff and KL start at 0). The
+    sentences are the states the UNet reads (SDXL: both encoders' penultimate states), each encoder's part measured
+    on its own on SDXL: `drift_sets/clip_l/inter_l2`, `drift_sets/clip_g/base_cosine`, ... For a method that learns
+    neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift is zero by construction:
+    that is logged once and nothing is encoded.
 
     Args:
         every_n_steps: Steps between measurements. Each encodes P(V*) and S(V*) (about 400 sentences); at 100 that
@@ -266,8 +288,8 @@ class ContextualDrift(_EveryNSteps):
         self._applies = True
         self._ids: dict[str, tuple[list[str], Tensor]] = {}  # set name → (filled prompts, token ids), per keyword
         self._ids_keyword: str | None = None
-        self._p_concept: Tensor | None = None  # P(c), reused while the text encoder is frozen
-        self._p_base: Tensor | None = None  # P(V*) under the base encoder (adapters off), which never changes
+        self._p_concept: list[Tensor] | None = None  # P(c) per text encoder, reused while the encoders are frozen
+        self._p_base: list[Tensor] | None = None  # P(V*) under the base encoders (adapters off), which never change
 
     def check_module(self, pl_module: L.LightningModule) -> None:
         """Refuse a method without a concept word, or whose concept word has no shipped contextual set when no
@@ -301,24 +323,27 @@ class ContextualDrift(_EveryNSteps):
                 self._p_concept = encode(*sets["p_concept"])
             p_keyword, s_keyword = encode(*sets["p_keyword"]), encode(*sets["s_keyword"])
             if module.trains_text_encoder and self._p_base is None:
-                with adapters_disabled(module.text_encoder):
+                with adapters_disabled(*module.text_encoders):
                     self._p_base = encode(*sets["p_keyword"])
-        values = drift.contextual_distances(p_keyword, self._p_concept, s_keyword, self.temperature, self.shrinkage,
-                                            self.reproduce_authors)
-        if module.trains_text_encoder:  # the authors' DreamBooth drift: the same sentences, base vs trained encoder
-            base = {**drift.paired_drift(p_keyword, self._p_base),
-                    **drift.pair_distances(p_keyword, self._p_base, self.temperature, self.shrinkage)}
-            values.update({f"base_{name}": value for name, value in base.items()})
-        return {SETS_PREFIX + key: value for key, value in values.items()}
+        count, values = module.num_text_encoders, {}
+        for e in range(count):
+            measured = drift.contextual_distances(p_keyword[e], self._p_concept[e], s_keyword[e], self.temperature,
+                                                  self.shrinkage, self.reproduce_authors)
+            if module.trains_text_encoder:  # the authors' DreamBooth drift: the same sentences, base vs trained
+                base = {**drift.paired_drift(p_keyword[e], self._p_base[e]),
+                        **drift.pair_distances(p_keyword[e], self._p_base[e], self.temperature, self.shrinkage)}
+                measured.update({f"base_{name}": value for name, value in base.items()})
+            values.update({metric_key(SETS_PREFIX, key, e, count): value for key, value in measured.items()})
+        return values
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if self._applies:
             log_metrics(trainer, self.compute(module, trainer.precision_plugin.forward_context()), trainer.global_step)
 
-    def _encoder(self, module: L.LightningModule) -> Callable[[list[str], Tensor], Tensor]:
-        eos = module.tokenizer.eos_token_id
-        return lambda prompts, ids: encode_set(module.encode_prompts, prompts, ids, eos, self.hidden_state,
-                                               self.batch_size)
+    def _encoder(self, module: L.LightningModule) -> Callable[[list[str], Tensor], list[Tensor]]:
+        eos, parts = module.tokenizer.eos_token_id, widths(module.text_encoders)
+        return lambda prompts, ids: encode_set(lambda batch: module.encode_prompts(batch).states, prompts, ids, eos,
+                                               self.hidden_state, self.batch_size, parts)
 
     def _tokenized(self, module: L.LightningModule) -> dict[str, tuple[list[str], Tensor]]:
         # Token ids only depend on the text: tokenize each set once per keyword.

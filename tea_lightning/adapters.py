@@ -8,6 +8,7 @@ diffusers' `unet.load_attn_procs` silently installs nothing for Custom Diffusion
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,10 +58,29 @@ def kohya_lora_layers(layers: dict[str, Tensor], prefix: str, alpha: float) -> d
     return result
 
 
+def sgm_unet_names(layers: dict[str, Tensor], layers_per_block: int) -> dict[str, Tensor]:
+    """UNet LoRA tensors renamed from diffusers' module paths to those of the original (SGM) UNet, which kohya's
+    sd-scripts train SDXL on and name its LoRAs by: `down_blocks.b.attentions.j` → `input_blocks.{1 + b(n+1) + j}.1`,
+    `mid_block.attentions.0` → `middle_block.1`, `up_blocks.b.attentions.j` → `output_blocks.{b(n+1) + j}.1` (n:
+    layers per block; the transformer blocks inside keep their names). diffusers maps them back when it loads a
+    kohya file (`_maybe_map_sgm_blocks_to_diffusers`). LoRA targets only attention layers, so nothing else is renamed.
+    """
+    step = layers_per_block + 1
+
+    def rename(key: str) -> str:
+        key = re.sub(r"^down_blocks\.(\d+)\.attentions\.(\d+)\.",
+                     lambda m: f"input_blocks.{1 + int(m[1]) * step + int(m[2])}.1.", key)
+        key = re.sub(r"^up_blocks\.(\d+)\.attentions\.(\d+)\.",
+                     lambda m: f"output_blocks.{int(m[1]) * step + int(m[2])}.1.", key)
+        return re.sub(r"^mid_block\.attentions\.0\.", "middle_block.1.", key)
+
+    return {rename(key): tensor for key, tensor in layers.items()}
+
+
 # The infixes of a LoRA key before its down (A) or up (B) weight: diffusers' UNet and text-encoder names, and peft's.
 _LORA_MARKERS = {".lora.down.": "down", ".lora.up.": "up", ".lora_linear_layer.down.": "down",
                  ".lora_linear_layer.up.": "up", ".lora_A.": "down", ".lora_B.": "up"}
-_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+_COMPONENT_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.", "lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
 def unet_only(keys) -> bool:
@@ -74,14 +94,15 @@ def read_lora(path: str | Path) -> dict[str, Tensor]:
 
 
 def check_lora_shapes(state: dict[str, Tensor], pipe, where: str) -> None:
-    """Refuse LoRA tensors that do not fit `pipe`'s UNet and text encoder, naming the first misfit.
+    """Refuse LoRA tensors that do not fit `pipe`'s UNet and text encoder(s), naming the first misfit.
 
     diffusers' `load_lora_weights` reports a wrong base model only deep inside peft; this says which key and what to
     do. Keys are `unet.<module>…` / `text_encoder.<module>…` (diffusers' or peft's names, formats.md) or, for
     `unet.save_lora_adapter` files, UNet module paths alone; kohya keys are left to diffusers' own converter.
     """
-    parts = {"unet": dict(pipe.unet.named_modules()), "text_encoder": dict(pipe.text_encoder.named_modules())}
-    flat_text_encoder = not hasattr(pipe.text_encoder, "text_model")
+    models = dict(zip(("unet", "text_encoder", "text_encoder_2"), _adapted_models(pipe), strict=False))
+    parts = {prefix: dict(model.named_modules()) for prefix, model in models.items()}
+    flat = {prefix for prefix, model in models.items() if prefix != "unet" and not hasattr(model, "text_model")}
     bare = unet_only(state)
     for key, tensor in state.items():
         prefix, _, rest = ("unet", ".", key) if bare else key.partition(".")
@@ -89,7 +110,7 @@ def check_lora_shapes(state: dict[str, Tensor], pipe, where: str) -> None:
         if marker is None or prefix not in parts:
             continue  # kohya keys and alphas: left to diffusers' own converter
         name, kind = rest.split(marker)[0], _LORA_MARKERS[marker]
-        if prefix == "text_encoder" and flat_text_encoder:
+        if prefix in flat:
             name = name.removeprefix("text_model.")
         layer = parts[prefix].get(name)
         layer = getattr(layer, "base_layer", layer)
@@ -107,18 +128,50 @@ def tuner_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, BaseTunerLayer) for m in model.modules())
 
 
+def _adapted_models(pipe) -> list[torch.nn.Module]:
+    """The models a LoRA file may adapt: the UNet and every text encoder of the pipeline (two on SDXL)."""
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+    return [pipe.unet, *(e for e in encoders if e is not None)]
+
+
+# The text widths cross-attention reads in each family, to name the family of a LoRA made for another one.
+TEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def _width(width: int) -> str:
+    family = TEXT_WIDTHS.get(width)
+    return f"{width}-wide ({family})" if family else f"{width}-wide"
+
+
+def lora_text_width(state: dict[str, Tensor]) -> int | None:
+    """How wide the text is that the LoRA's cross-attention key projection reads (its down weight's inputs), in
+    diffusers (`attn2.to_k.lora.down`, `attn2.to_k.lora_A`) or kohya (`attn2_to_k.lora_down`) keys; None without
+    one."""
+    for key, tensor in state.items():
+        if "attn2" in key and "to_k" in key and any(m in key for m in ("lora.down.", "lora_A.", "lora_down.")):
+            return int(tensor.shape[1])
+    return None
+
+
 def install_lora(pipe, path: str | Path, base: str) -> None:
     """Install a LoRA file into `pipe` as stock diffusers loads that file, stored alpha included.
 
-    A pipeline file (`unet.…`/`text_encoder.…` keys, diffusers' or peft's names, or kohya's `lora_unet_…`/`lora_te_…`
-    with `.alpha`) goes through `pipe.load_lora_weights`; what `unet.save_lora_adapter` writes (UNet keys without
-    a prefix) through `pipe.unet.load_lora_adapter(prefix=None)`. Both read the file themselves, so the peft
-    `lora_alpha` a file carries in its metadata is honoured (a bare state dict would lose it).
+    A pipeline file (`unet.…`/`text_encoder.…`/`text_encoder_2.…` keys, diffusers' or peft's names, or kohya's
+    `lora_unet_…`/`lora_te_…` (SDXL: `lora_te1_…`/`lora_te2_…`) with `.alpha`) goes through `pipe.load_lora_weights`;
+    what `unet.save_lora_adapter` writes (UNet keys without a prefix) through `pipe.unet.load_lora_adapter(prefix=
+    None)`. Both read the file themselves, so the peft `lora_alpha` a file carries in its metadata is honoured (a bare
+    state dict would lose it). A LoRA made for a UNet that reads text of another width (SD 1.5's on SDXL) is refused
+    first, naming both widths.
     """
     path, where = Path(path), repr(str(path))
     state = read_lora(path)
+    width, cross = lora_text_width(state), pipe.unet.config.cross_attention_dim
+    if width is not None and width != cross:
+        raise ValueError(f"The LoRA in {where} adapts a UNet that reads {_width(width)} text, but {base!r} reads "
+                         f"{_width(cross)} text: it was made for another base model. Pass --pretrained with the model "
+                         "it was trained on.")
     check_lora_shapes(state, pipe, where)
-    before = tuner_layers(pipe.unet) + tuner_layers(pipe.text_encoder)
+    before = sum(tuner_layers(m) for m in _adapted_models(pipe))
     try:
         if unet_only(state):
             pipe.unet.load_lora_adapter(str(path.parent), weight_name=path.name, prefix=None)
@@ -127,15 +180,17 @@ def install_lora(pipe, path: str | Path, base: str) -> None:
     except (RuntimeError, ValueError, KeyError) as error:
         raise ValueError(f"The LoRA in {where} does not fit the base model {base!r} ({error}). Pass --pretrained "
                          "with the model it was trained on.") from error
-    if tuner_layers(pipe.unet) + tuner_layers(pipe.text_encoder) == before:
+    if sum(tuner_layers(m) for m in _adapted_models(pipe)) == before:
         raise ValueError(f"The LoRA in {where} matched no layer of {base!r}, so it would change nothing. Pass "
                          "--pretrained with the model it was trained on.")
 
 
 @contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """While inside, `model`'s peft adapters (LoRA) are off: the base encoder. Trainability is restored after."""
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+def adapters_disabled(*models: torch.nn.Module) -> Iterator[None]:
+    """While inside, the models' peft adapters (LoRA) are off: the base encoders (SDXL: both). Trainability is
+    restored after."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)
+              and not m.disable_adapters]
     flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
     for layer in layers:
         layer.enable_adapters(False)
@@ -253,7 +308,7 @@ def install_custom_diffusion(unet, state: dict[str, Tensor], where: str, base: s
     cross = unet.config.cross_attention_dim
     for key, value in state.items():
         if key.endswith("to_k_custom_diffusion.weight") and value.shape[1] != cross:
-            raise ValueError(f"{where}: the Custom Diffusion weights read {value.shape[1]}-wide text embeddings, but "
-                             f"{base!r} has {cross}-wide ones (768 = SD 1.x, 1024 = SD 2.x). Pass --pretrained with "
-                             "the model it was trained on.")
+            raise ValueError(f"{where}: the Custom Diffusion weights read {_width(value.shape[1])} text embeddings, "
+                             f"but {base!r} has {_width(cross)} ones. Pass --pretrained with the model it was trained "
+                             "on.")
     install_custom_diffusion_weights(unet, state, where)

@@ -30,7 +30,8 @@ from pathlib import Path
 from torch import Tensor
 
 from tea_lightning import checkpoints, export
-from tea_lightning.checkpoints import Personalized
+from tea_lightning.checkpoints import LearnedRows, Personalized
+from tea_lightning.components import text_parts
 from tea_lightning.inference import check_factors
 from tea_lightning.tea import adjust
 
@@ -60,15 +61,18 @@ def bake_rows(pairs: Sequence[tuple[Tensor, Tensor]], rho: float, alpha: float) 
 
 
 def baked_tokens(model: Personalized, rho: float, alpha: float) -> list[BakedToken]:
-    """Every learned token of `model` with TEA applied, named as the tokenizer knows it. One text encoder here, so
-    one (rows, concept row) pair per token; a model with two (SDXL) passes one pair per encoder to `bake_rows`, and
-    the files follow (`export.webui_embedding` writes `clip_l`/`clip_g`)."""
-    tokens = []
+    """Every learned token of `model` with TEA applied, named as the tokenizer knows it: one (rows, concept row) pair
+    per text encoder (SDXL: each encoder's rows towards the concept word's row in that encoder), so the files follow
+    (`export.webui_embedding` writes `clip_l`/`clip_g` for two)."""
+    tokenizers = text_parts(model.pipe)[0]
+    by_token: dict[str, list[LearnedRows]] = {}
     for rows in model.rows:
-        token = model.pipe.tokenizer.convert_ids_to_tokens(rows.first_id)
+        by_token.setdefault(tokenizers[rows.encoder].convert_ids_to_tokens(rows.first_id), []).append(rows)
+    tokens = []
+    for token, per_encoder in by_token.items():
         concept = checkpoints.owner(model.concepts, token)
-        tokens.append(BakedToken(token, concept.keyword, concept.concept_word,
-                                 bake_rows([(rows.vectors, rows.targets)], rho, alpha)))
+        pairs = [(rows.vectors, rows.targets) for rows in sorted(per_encoder, key=lambda r: r.encoder)]
+        tokens.append(BakedToken(token, concept.keyword, concept.concept_word, bake_rows(pairs, rho, alpha)))
     return tokens
 
 

@@ -2,8 +2,13 @@
 
 `read(path)` looks at one file or folder and says what it holds; it loads no model, so bad input fails fast.
 `build(sources, ...)` loads the base model once, installs every source into it (token rows, LoRA, Custom Diffusion
-processors) and returns a `Personalized` model: the stock `StableDiffusionPipeline` plus what TEA needs to know
-(each concept's keyword and concept word, and where each learned token's rows live).
+processors) and returns a `Personalized` model: the stock pipeline of the model's family (`StableDiffusionPipeline`
+or `StableDiffusionXLPipeline`) plus what TEA needs to know (each concept's keyword and concept word, and where each
+learned token's rows live, in which text encoder).
+
+An SDXL embedding holds one set of rows per text encoder (`clip_l` for the first, `clip_g` for the second, or
+diffusers' `learned_embeds.safetensors` + `learned_embeds_2.safetensors`); a checkpoint made for the other family
+is refused before anything is installed, naming both.
 
 Learned token rows are installed the way diffusers' `load_textual_inversion` does it (new tokens, new embedding
 rows), so without TEA the pipeline behaves exactly as stock diffusers would with the same file.
@@ -20,22 +25,33 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from tea_lightning.adapters import custom_diffusion_tensors, install_custom_diffusion, install_lora
-from tea_lightning.components import DEFAULT_MODEL, load_pipeline
+from tea_lightning.components import (
+    DEFAULT_MODEL,
+    DEFAULT_SDXL_MODEL,
+    FAMILY_NAMES,
+    SDXL,
+    build_pipeline,
+    load_pipeline,
+    model_family,
+    text_parts,
+)
+from tea_lightning.conditioning import ENCODER_NAMES, SUFFIXES
 from tea_lightning.export import (
     CUSTOM_DIFFUSION_WEIGHTS,
     CUSTOM_DIFFUSION_WEIGHTS_BIN,
     DIFFUSERS_TI,
+    DIFFUSERS_TI_FILES,
     LORA_WEIGHTS,
     TEA_JSON,
     load_pickle,
     read_tea_json,
 )
-from tea_lightning.tokens import LearnedTokens, add_new_tokens, concept_row, placeholder_tokens
+from tea_lightning.tokens import add_new_tokens, concept_row, placeholder_tokens
 
 ACCEPTED = """Accepted checkpoints:
   - a tea-lightning export folder (holds tea.json), or a diffusers training output folder holding
@@ -43,9 +59,12 @@ ACCEPTED = """Accepted checkpoints:
   - a tea-lightning Lightning checkpoint (.ckpt)
   - a diffusers Textual Inversion file (.safetensors/.bin holding {token: [n, D]})
   - an AUTOMATIC1111 embedding (.pt with string_to_param, .safetensors with emb_params; kohya's and ai-toolkit's too)
+  - an SDXL embedding (.safetensors with clip_l and clip_g: AUTOMATIC1111, ComfyUI, kohya), or a folder holding
+    diffusers' learned_embeds.safetensors and learned_embeds_2.safetensors
   - a Custom Diffusion token file (<token>.safetensors/.bin holding {token: [D]})
   - a LoRA file: pytorch_lora_weights.safetensors (diffusers or peft keys; a stored lora_alpha is honoured), kohya
-    keys (lora_unet_/lora_te_ with .alpha), or a UNet adapter written by unet.save_lora_adapter
+    keys (lora_unet_/lora_te_ with .alpha; lora_te1_/lora_te2_ for SDXL), or a UNet adapter written by
+    unet.save_lora_adapter
   - Custom Diffusion weights (pytorch_custom_diffusion_weights.safetensors, or .bin as diffusers' script writes with
     --no_safe_serialization)"""
 _PICKLES = (".pt", ".bin", ".pth")
@@ -79,11 +98,13 @@ class Concept:
 
 @dataclass
 class LearnedRows:
-    """Learned rows `[k, D]` of the tokens with ids `first_id .. first_id + k - 1`, and their concept rows `[k, D]`."""
+    """Learned rows `[k, D]` of the tokens with ids `first_id .. first_id + k - 1` of text encoder `encoder`, and
+    their concept rows `[k, D]` in that encoder."""
 
     first_id: int
     vectors: Tensor
     targets: Tensor
+    encoder: int = 0
 
 
 @dataclass
@@ -94,8 +115,9 @@ class Source:
     kind: str
     base_model: str | None = None
     concepts: list[Concept] = field(default_factory=list)
-    embeddings: dict[str, Tensor] = field(default_factory=dict)  # token -> [k, D]
+    embeddings: dict[str, list[Tensor]] = field(default_factory=dict)  # token -> rows [k, D_e] per text encoder
     lora: str | None = None  # the LoRA file, installed by diffusers' own loader (which reads its metadata)
+    sdxl_lora: bool = False  # the LoRA adapts a second text encoder: SDXL's
     custom_diffusion: dict[str, Tensor] | None = None
     module: Any = None  # a DiffusionModule rebuilt from a .ckpt that is not plain Textual Inversion
 
@@ -104,7 +126,7 @@ class Source:
 class Personalized:
     """A stock pipeline with a personalisation installed, and what TEA needs: concepts and learned token rows."""
 
-    pipe: StableDiffusionPipeline
+    pipe: Any  # StableDiffusionPipeline or StableDiffusionXLPipeline
     concepts: list[Concept]
     rows: list[LearnedRows]
     checkpoint: str
@@ -194,12 +216,23 @@ def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Sou
     if "emb_params" in data:  # AUTOMATIC1111 / kohya / ai-toolkit: {"emb_params": [n, D]}; named by file or metadata
         name = _metadata_name(metadata) or path.stem
         return _embedding_source(where, "AUTOMATIC1111/kohya embedding", {name: data["emb_params"]})
+    sdxl_keys = [k for k in ENCODER_NAMES if k in data]
+    if sdxl_keys:  # SDXL (AUTOMATIC1111, ComfyUI, kohya): {"clip_l": [n, 768], "clip_g": [n, 1280]}, named by the file
+        if len(sdxl_keys) == 1:
+            missing = next(k for k in ENCODER_NAMES if k not in data)
+            raise ValueError(f"checkpoint={where!r} holds {sdxl_keys[0]!r} but not {missing!r}: an SDXL embedding "
+                             "needs a row set for each text encoder (clip_l [n, 768] and clip_g [n, 1280]). The file "
+                             "is incomplete; export it again with both.")
+        name = metadata.get("name") or path.stem
+        return _embedding_source(where, "SDXL embedding (clip_l + clip_g)",
+                                 {name: [data[k] for k in ENCODER_NAMES]})
     keys = list(data)
     if keys and any("_custom_diffusion" in k for k in keys):
         return Source(where, "Custom Diffusion weights", custom_diffusion=custom_diffusion_tensors(data, where))
     if keys and all("lora" in k for k in keys):
         _tensors(where, data)
-        return Source(where, "LoRA weights", lora=where)
+        sdxl = any(k.startswith(("text_encoder_2.", "lora_te2_")) for k in keys)  # a second text encoder: SDXL's
+        return Source(where, "SDXL LoRA weights" if sdxl else "LoRA weights", lora=where, sdxl_lora=sdxl)
     if keys and all(isinstance(v, Tensor) and v.ndim in (1, 2) and "." not in k for k, v in data.items()):
         return _embedding_source(where, "diffusers Textual Inversion embedding", data)
     shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
@@ -214,11 +247,19 @@ def _tensors(where: str, data: dict[str, Any]) -> dict[str, Tensor]:
 
 
 def _embedding_source(where: str, kind: str, embeddings: dict[str, Any]) -> Source:
+    """`embeddings`: token → a tensor, or a list of tensors, one per text encoder (SDXL)."""
     rows = {}
-    for token, tensor in embeddings.items():
-        if not isinstance(tensor, Tensor) or tensor.ndim not in (1, 2) or not tensor.is_floating_point():
-            raise ValueError(f"checkpoint={where!r}: the embedding of {token!r} is not a float tensor [n, D] or [D].")
-        rows[token] = tensor.detach().float().reshape(-1, tensor.shape[-1])  # Custom Diffusion tokens are 1-D
+    for token, tensors in embeddings.items():
+        per_encoder = []
+        for tensor in tensors if isinstance(tensors, list) else [tensors]:
+            if not isinstance(tensor, Tensor) or tensor.ndim not in (1, 2) or not tensor.is_floating_point():
+                raise ValueError(f"checkpoint={where!r}: the embedding of {token!r} is not a float tensor [n, D] or "
+                                 "[D].")
+            per_encoder.append(tensor.detach().float().reshape(-1, tensor.shape[-1]))  # CD tokens are 1-D
+        if len({len(r) for r in per_encoder}) > 1:
+            raise ValueError(f"checkpoint={where!r}: the embedding of {token!r} has {[len(r) for r in per_encoder]} "
+                             "vectors in its text encoders; both must hold the same number.")
+        rows[token] = per_encoder
     return Source(where, kind, concepts=[Concept(token) for token in rows], embeddings=rows)
 
 
@@ -229,9 +270,12 @@ def _read_folder(folder: Path) -> Source:
         return next((folder / n for n in names if (folder / n).is_file()), None)
 
     ti = first(DIFFUSERS_TI, "learned_embeds.bin")
+    ti_2 = first(DIFFUSERS_TI_FILES[1], "learned_embeds_2.bin")  # SDXL: the second text encoder's rows
     lora = first(LORA_WEIGHTS, "pytorch_lora_weights.bin")
     custom = first(CUSTOM_DIFFUSION_WEIGHTS, CUSTOM_DIFFUSION_WEIGHTS_BIN)
     parts = [_classify(p, *_load_tensors(p)) for p in (ti, lora, custom) if p is not None]
+    if ti_2 is not None:
+        parts[0] = _pair_diffusers_embeddings(folder, ti, ti_2, parts[0] if ti is not None else None)
     if ti is None:  # Custom Diffusion writes one `{token: [D]}` file per modifier token
         known = {p.name for p in (lora, custom) if p is not None}
         for path in sorted(folder.iterdir()):
@@ -258,6 +302,19 @@ def _read_folder(folder: Path) -> Source:
     return source
 
 
+def _pair_diffusers_embeddings(folder: Path, ti: Path | None, ti_2: Path, first: Source | None) -> Source:
+    """diffusers' SDXL pair: `learned_embeds` (first text encoder) and `learned_embeds_2` (second), same tokens."""
+    if first is None:
+        raise ValueError(f"checkpoint={str(folder)!r} holds {ti_2.name} (the second SDXL text encoder's rows) without "
+                         f"{DIFFUSERS_TI} (the first's); an SDXL embedding needs both.")
+    second = _classify(ti_2, *_load_tensors(ti_2))
+    if set(second.embeddings) != set(first.embeddings):
+        raise ValueError(f"checkpoint={str(folder)!r}: {ti.name} holds the tokens {sorted(first.embeddings)} but "
+                         f"{ti_2.name} holds {sorted(second.embeddings)}; they must name the same tokens.")
+    pairs = {token: rows + second.embeddings[token] for token, rows in first.embeddings.items()}
+    return _embedding_source(str(folder), "diffusers SDXL Textual Inversion embedding", pairs)
+
+
 def _read_lightning(path: Path, pretrained: str | None) -> Source:
     checkpoint = load_pickle(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
@@ -266,9 +323,10 @@ def _read_lightning(path: Path, pretrained: str | None) -> Source:
         raise ValueError(f"checkpoint={str(path)!r} is not a tea-lightning Lightning checkpoint (it lacks "
                          f"hyper_parameters or state_dict). {ACCEPTED}")
     base = pretrained or hparams.get("pretrained")
-    if set(state) == {"learned.vectors"} and "placeholder" in hparams:  # Textual Inversion: read the rows directly
-        source = _embedding_source(str(path), "Textual Inversion checkpoint", {hparams["placeholder"]: state[
-            "learned.vectors"]})
+    learned = [f"learned{s}.vectors" for s in SUFFIXES]
+    if set(state) in ({learned[0]}, set(learned)) and "placeholder" in hparams:  # Textual Inversion: the rows
+        rows = [state[key] for key in learned if key in state]  # one set per text encoder
+        source = _embedding_source(str(path), "Textual Inversion checkpoint", {hparams["placeholder"]: rows})
         source.concepts = [Concept(hparams["placeholder"], hparams.get("concept_word"))]
         source.base_model = base
         return source
@@ -326,6 +384,7 @@ def merge(sources: Sequence[Source]) -> Source:
                 if getattr(merged, kind) is not None:
                     raise ValueError(f"Two checkpoints hold {kind.replace('_', ' ')} weights; load one at a time.")
                 setattr(merged, kind, getattr(source, kind))
+        merged.sdxl_lora = merged.sdxl_lora or source.sdxl_lora
         merged.concepts += [c for c in source.concepts if c.keyword not in {m.keyword for m in merged.concepts}]
     return merged
 
@@ -400,58 +459,97 @@ def owner(concepts: Sequence[Concept], token: str) -> Concept:
 # ------------------------------------------------------------------------------------------------ installing
 
 
+def base_model(source: Source, pretrained: str | None = None) -> str:
+    """The base model to install `source` into: the user's, else the one the checkpoint records, else the default of
+    its family (SDXL's base for a file with rows for two text encoders or an SDXL LoRA, SD 1.5 otherwise)."""
+    sdxl = any(len(rows) == 2 for rows in source.embeddings.values()) or source.sdxl_lora
+    return pretrained or source.base_model or (DEFAULT_SDXL_MODEL if sdxl else DEFAULT_MODEL)
+
+
+def _kind_of(rows: Sequence[Tensor]) -> str:
+    if len(rows) == 2:
+        return f"an SDXL embedding ({ENCODER_NAMES[0]} and {ENCODER_NAMES[1]} rows)"
+    return f"an SD 1.x/2.x embedding (one set of rows, {rows[0].shape[-1]} wide)"
+
+
+def check_family(source: Source, base: str, family: str) -> None:
+    """Refuse embeddings and LoRAs of the other family before any weights load, naming both."""
+    count = 2 if family == SDXL else 1
+    other = "an SD 1.x/2.x model" if family == SDXL else f"an SDXL model (e.g. {DEFAULT_SDXL_MODEL!r})"
+    for token, rows in source.embeddings.items():
+        if len(rows) != count:
+            raise ValueError(f"{source.path}: {token!r} is {_kind_of(rows)}, but the base model {base!r} is "
+                             f"{FAMILY_NAMES[family]}. Pass --pretrained with {other}.")
+    if family != SDXL and source.sdxl_lora:
+        raise ValueError(f"{source.path} is an SDXL LoRA (it adapts a second text encoder), but the base model "
+                         f"{base!r} is {FAMILY_NAMES[family]}. Pass --pretrained with {other}.")
+
+
+def _check_widths(source: Source, base: str, text_encoders: Sequence[torch.nn.Module]) -> None:
+    widths = [e.get_input_embeddings().weight.shape[1] for e in text_encoders]
+    for token, rows in source.embeddings.items():
+        for e, (encoder_rows, width) in enumerate(zip(rows, widths, strict=True)):
+            if encoder_rows.shape[-1] != width:
+                which = "text encoder" if len(widths) == 1 else f"{ENCODER_NAMES[e]} text encoder"
+                raise ValueError(
+                    f"The embedding {token!r} in {source.path} is {encoder_rows.shape[-1]} wide, but the {which} of "
+                    f"{base!r} is {width} wide (768 = SD 1.x, 1024 = SD 2.x; SDXL: clip_l 768, clip_g 1280): it was "
+                    "trained for another base model. Pass --pretrained with the model it was trained on.")
+
+
 def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = None,
           concept_reduce: str = "error") -> Personalized:
     """Load the base model and install `source` into it; `concepts` come from `resolve_concepts`."""
     if source.module is not None:
         return from_module(source.module, concepts=concepts, concept_reduce=concept_reduce, checkpoint=source.path)
-    base = pretrained or source.base_model or DEFAULT_MODEL
+    base = base_model(source, pretrained)
+    check_family(source, base, model_family(base))
     pipe = load_pipeline(base)
-    table = pipe.text_encoder.get_input_embeddings()
-    width = table.weight.shape[1]
-    for token, rows in source.embeddings.items():
-        if rows.shape[-1] != width:
-            raise ValueError(f"The embedding {token!r} in {source.path} is {rows.shape[-1]} wide, but the text encoder "
-                             f"of {base!r} is {width} wide (768 = SD 1.x, 1024 = SD 2.x): it was trained for another "
-                             "base model. Pass --pretrained with the model it was trained on.")
-    rows_by_token = {}
+    tokenizers, text_encoders = text_parts(pipe)
+    _check_widths(source, base, text_encoders)
+    first_ids: dict[str, list[int]] = {}  # token -> its first new id in each tokenizer
     for token, rows in source.embeddings.items():
         try:
-            ids = add_new_tokens(pipe.tokenizer, placeholder_tokens(token, len(rows)), what="keyword")
+            first_ids[token] = [add_new_tokens(t, placeholder_tokens(token, len(rows[0])), what="keyword")[0]
+                                for t in tokenizers]
         except ValueError as error:
             raise ValueError(f"The embedding's token {token!r} ({source.path}) is already a word of {base!r}, so "
                              "using it would change that word in every prompt. Rename it (AUTOMATIC1111 and kohya "
                              "files are named by their file name, e.g. '<my-concept>.safetensors').") from error
-        rows_by_token[token] = (ids[0], rows)
-    if rows_by_token:
-        pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer), mean_resizing=False)
-        table = pipe.text_encoder.get_input_embeddings()
+    tables = [e.get_input_embeddings() for e in text_encoders]
+    if first_ids:
+        for encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        tables = [e.get_input_embeddings() for e in text_encoders]
         with torch.no_grad():
-            for first_id, rows in rows_by_token.values():
-                table.weight[first_id:first_id + len(rows)] = rows.to(table.weight.dtype)
+            for token, rows in source.embeddings.items():
+                for table, first_id, encoder_rows in zip(tables, first_ids[token], rows, strict=True):
+                    table.weight[first_id:first_id + len(encoder_rows)] = encoder_rows.to(table.weight.dtype)
     if source.lora is not None:
         install_lora(pipe, source.lora, base)
     if source.custom_diffusion is not None:
         install_custom_diffusion(pipe.unet, source.custom_diffusion, source.path, base)
 
-    owners = {token: owner(concepts, token).keyword for token in rows_by_token}
+    owners = {token: owner(concepts, token).keyword for token in source.embeddings}
     concepts = [replace(c, phrase=_phrase(c.keyword, source.embeddings), learned=c.keyword in owners.values())
                 for c in concepts]
     learned = []
-    for token, (first_id, rows) in rows_by_token.items():
+    for token, rows in source.embeddings.items():
         word = next(c.concept_word for c in concepts if c.keyword == owners[token])
-        target = concept_row(pipe.tokenizer, table.weight, word, concept_reduce)
-        learned.append(LearnedRows(first_id, rows, target.expand_as(rows).clone()))
+        for e, (tokenizer, table, first_id, encoder_rows) in enumerate(
+                zip(tokenizers, tables, first_ids[token], rows, strict=True)):
+            target = concept_row(tokenizer, table.weight, word, concept_reduce)
+            learned.append(LearnedRows(first_id, encoder_rows, target.expand_as(encoder_rows).clone(), e))
     return Personalized(pipe, list(concepts), learned, source.path, base)
 
 
-def _phrase(keyword: str, embeddings: dict[str, Tensor]) -> str | None:
+def _phrase(keyword: str, embeddings: dict[str, list[Tensor]]) -> str | None:
     """What the tokenizer reads for `keyword`: each multi-vector token expanded as diffusers names its rows
     (`<v>` → `<v> <v>_1`); None when nothing expands."""
     phrase = keyword
     for token, rows in embeddings.items():
-        if len(rows) > 1:
-            expansion = " ".join(placeholder_tokens(token, len(rows)))
+        if len(rows[0]) > 1:
+            expansion = " ".join(placeholder_tokens(token, len(rows[0])))
             phrase = _token_pattern(token).sub(lambda _, text=expansion: text, phrase)
     return None if phrase == keyword else phrase
 
@@ -463,32 +561,31 @@ def from_module(module, scheduler=None, concepts: Sequence[Concept] | None = Non
                 checkpoint: str = "(in memory)") -> Personalized:
     """A stock pipeline over a method's own parts (no copy): for sample images while training and for `.ckpt` files.
 
-    The learned rows are read now (`module.learned_vectors()`), so call it again after the module has trained on.
+    The learned rows are read now (`module.learned_vectors(encoder)`), so call it again after the module has
+    trained on.
     """
     scheduler = scheduler or DPMSolverMultistepScheduler.from_config(module.noise_scheduler.config)
-    pipe = StableDiffusionPipeline(
-        vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer, unet=module.unet,
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = build_pipeline(module.family, module.tokenizers, module.text_encoders, module.vae, module.unet, scheduler)
     concepts = list(concepts or [Concept(module.keyword, module.concept_word)])
     if not concepts[0].concept_word:
         raise ValueError(f"{type(module).__name__} has no concept word, so TEA has nothing to pull towards.")
     rows = []
-    try:
-        vectors, targets = module.learned_vectors()  # [k, D] each
-    except NotImplementedError:
-        vectors = targets = None
-    if vectors is not None:
+    for e, (tokenizer, encoder) in enumerate(zip(module.tokenizers, module.text_encoders, strict=True)):
+        try:
+            vectors, targets = module.learned_vectors(e)  # [k, D] each
+        except NotImplementedError:
+            break
         concepts = [replace(c, learned=True) for c in concepts]
         if len(concepts) == 1 and concepts[0].concept_word != module.concept_word:
-            table = module.text_encoder.get_input_embeddings().weight
-            targets = concept_row(module.tokenizer, table, concepts[0].concept_word, concept_reduce).expand_as(vectors)
+            table = encoder.get_input_embeddings().weight
+            targets = concept_row(tokenizer, table, concepts[0].concept_word, concept_reduce).expand_as(vectors)
         start = 0
-        for tokens in (m for m in module.modules() if isinstance(m, LearnedTokens)):
+        for tokens in module.token_modules(e):
             k = len(tokens.vectors)
             rows.append(LearnedRows(tokens.first_id, vectors[start:start + k].detach().float(),
-                                    targets[start:start + k].detach().float()))
+                                    targets[start:start + k].detach().float(), e))
             start += k
         if start != len(vectors):
-            raise ValueError(f"{type(module).__name__}.learned_vectors() returned {len(vectors)} rows but its "
+            raise ValueError(f"{type(module).__name__}.learned_vectors({e}) returned {len(vectors)} rows but its "
                              f"LearnedTokens hold {start}; token-level TEA cannot tell where they go.")
     return Personalized(pipe, concepts, rows, checkpoint, module.pretrained)

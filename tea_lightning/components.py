@@ -1,53 +1,96 @@
 """Loading the parts of a Stable Diffusion model: a hub id, a local diffusers folder, or a built-in model.
 
-`tiny` (random, for tests) is built in code; `mini` (the world tea-lightning trained, see `tea_lightning.mini`) is a
-diffusers folder shipped as package data, loaded through the very same `from_pretrained` path as any local folder.
+`tiny` and `tiny-sdxl` (random, for tests) are built in code; `mini` (the world tea-lightning trained, see
+`tea_lightning.mini`) is a diffusers folder shipped as package data, loaded through the very same `from_pretrained`
+path as any local folder.
+
+Two model families are supported and told apart by the model itself (its `model_index.json`): SD 1.x/2.x (one text
+encoder, `StableDiffusionPipeline`) and SDXL (two text encoders, `StableDiffusionXLPipeline`). Everything above
+this file treats "the text encoders" as a list (design decision 7); `tea_lightning.text` says how each family
+turns prompts into the UNet's conditioning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from tea_lightning.tiny import TINY, tiny_pipeline
+from tea_lightning.tiny import TINY, TINY_SDXL, tiny_pipeline, tiny_sdxl_pipeline
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-_PARTS = ("tokenizer", "text_encoder", "vae", "unet", "scheduler")
+DEFAULT_SDXL_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+SD, SDXL = "sd", "sdxl"
+FAMILY_NAMES = {SD: "SD 1.x/2.x", SDXL: "SDXL"}
+_PARTS = {SD: ("tokenizer", "text_encoder", "vae", "unet", "scheduler"),
+          SDXL: ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "vae", "unet", "scheduler")}
 
 
 @dataclass
 class Components:
-    """The five parts training needs. `noise_scheduler` is a DDPM scheduler with the model's own noise schedule
-    and `prediction_type` (epsilon or v_prediction)."""
+    """The parts training needs. `tokenizers` and `text_encoders` hold one entry for SD 1.x/2.x and two for SDXL
+    (CLIP ViT-L, then OpenCLIP bigG with its projection). `noise_scheduler` is a DDPM scheduler with the model's own
+    noise schedule and `prediction_type` (epsilon or v_prediction)."""
 
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    family: str
+    tokenizers: list[CLIPTokenizer]
+    text_encoders: list[CLIPTextModel]
     vae: AutoencoderKL
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        """The first tokenizer (SD 1.x/2.x's only one)."""
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> CLIPTextModel:
+        """The first text encoder (SD 1.x/2.x's only one)."""
+        return self.text_encoders[0]
 
 
 MINI = "mini"
 # Models shipped as diffusers folders of package data, by name (fp16 safetensors, loaded in fp32).
 BUILT_IN_FOLDERS = {MINI: Path(__file__).parent / "models" / "mini"}
+BUILT_IN_CODE = {TINY: (SD, tiny_pipeline), TINY_SDXL: (SDXL, tiny_sdxl_pipeline)}
 
 
 def _hint(pretrained: str) -> str:
-    return (f"pretrained={pretrained!r}: give a hub id (e.g. {DEFAULT_MODEL!r}, downloaded once beforehand when "
-            f"working offline), a local diffusers folder holding model_index.json, or a built-in model: "
-            f"{MINI!r} (trained on synthetic scenes) or {TINY!r} (random, for tests)")
+    return (f"pretrained={pretrained!r}: give a hub id (e.g. {DEFAULT_MODEL!r} or {DEFAULT_SDXL_MODEL!r}, downloaded "
+            "once beforehand when working offline), a local diffusers folder holding model_index.json, or a built-in "
+            f"model: {MINI!r} (trained on synthetic scenes), {TINY!r} or {TINY_SDXL!r} (random, for tests)")
+
+
+def family_of_index(index: dict, where: str) -> str:
+    """The family a pipeline's `model_index.json` describes: SDXL when it names `StableDiffusionXL...` or holds a
+    second text encoder, else SD 1.x/2.x. An SDXL refiner (no first text encoder) is refused: it only refines."""
+    has_second = bool(index.get("text_encoder_2")) and index["text_encoder_2"][0] is not None
+    if str(index.get("_class_name", "")).startswith("StableDiffusionXL") or has_second:
+        if not index.get("text_encoder") or index["text_encoder"][0] is None:
+            raise ValueError(f"{where} is an SDXL refiner (it has no first text encoder); tea-lightning personalises "
+                             f"base models. Use e.g. {DEFAULT_SDXL_MODEL!r}.")
+        return SDXL
+    return SD
 
 
 def resolve_pretrained(pretrained: str) -> str:
     """Validate `pretrained` before anything heavy happens; return it unchanged, or the local folder it names."""
-    if pretrained == TINY:
+    if pretrained in BUILT_IN_CODE:
         return pretrained
     if pretrained in BUILT_IN_FOLDERS:
         folder = BUILT_IN_FOLDERS[pretrained]
@@ -57,9 +100,11 @@ def resolve_pretrained(pretrained: str) -> str:
         return str(folder)
     expanded = os.path.expanduser(pretrained)
     if os.path.isdir(expanded):
-        missing = [p for p in _PARTS if not os.path.isdir(os.path.join(expanded, p))]
+        index = Path(expanded) / "model_index.json"
+        family = family_of_index(json.loads(index.read_text()), repr(expanded)) if index.is_file() else SD
+        missing = [p for p in _PARTS[family] if not os.path.isdir(os.path.join(expanded, p))]
         if missing:
-            raise FileNotFoundError(f"{expanded!r} is not a diffusers Stable Diffusion folder: it lacks the "
+            raise FileNotFoundError(f"{expanded!r} is not a diffusers {FAMILY_NAMES[family]} folder: it lacks the "
                                     f"subfolders {missing}. {_hint(pretrained)}")
         return expanded
     looks_local = pretrained.startswith((".", "/", "~")) or os.path.exists(expanded) or pretrained.count("/") != 1
@@ -118,30 +163,76 @@ def _load_failure(pretrained: str, source: str, error: OSError | None) -> FileNo
     return FileNotFoundError(f"pretrained={pretrained!r} {reason}. {fix}.")
 
 
-def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> StableDiffusionPipeline:
-    """The stock `StableDiffusionPipeline` for `pretrained` (safety checker off), in fp32 on the CPU."""
+def model_family(pretrained: str, revision: str | None = None) -> str:
+    """`SD` or `SDXL`, read from the model's `model_index.json` (a hub id fetches that one small file), so a
+    checkpoint of the other family is refused before any weights load."""
     source = resolve_pretrained(pretrained)
-    if source == TINY:
-        return tiny_pipeline()
+    if source in BUILT_IN_CODE:
+        return BUILT_IN_CODE[source][0]
+    try:
+        index = DiffusionPipeline.load_config(source, revision=revision)
+    except (OSError, ValueError) as error:  # offline, not cached, gated, or a typo in a hub id
+        raise _load_failure(pretrained, source, error) from error
+    return family_of_index(dict(index), repr(source))
+
+
+def load_pipeline(pretrained: str = DEFAULT_MODEL, revision: str | None = None):
+    """The stock pipeline of `pretrained`'s family (`StableDiffusionPipeline` with the safety checker off, or
+    `StableDiffusionXLPipeline` without watermark), in fp32 on the CPU."""
+    source = resolve_pretrained(pretrained)
+    if source in BUILT_IN_CODE:
+        return BUILT_IN_CODE[source][1]()
+    family = model_family(source, revision)
     try:
         with _quiet_loading():
+            if family == SDXL:
+                return StableDiffusionXLPipeline.from_pretrained(source, revision=revision, dtype=torch.float32,
+                                                                 add_watermarker=False)
             return StableDiffusionPipeline.from_pretrained(
                 source, revision=revision, dtype=torch.float32, safety_checker=None, requires_safety_checker=False)
     except OSError as error:  # offline, not cached, gated, or a typo in a hub id
         raise _load_failure(pretrained, source, error) from error
 
 
+def pipeline_class(family: str) -> type:
+    """The stock pipeline class of `family`."""
+    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+
+
+def pipeline_family(pipe) -> str:
+    return SDXL if isinstance(pipe, StableDiffusionXLPipeline) else SD
+
+
+def text_parts(pipe) -> tuple[list, list]:
+    """A pipeline's tokenizers and text encoders, as lists (one entry for SD 1.x/2.x, two for SDXL)."""
+    if pipeline_family(pipe) == SDXL:
+        return [pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2]
+    return [pipe.tokenizer], [pipe.text_encoder]
+
+
+def build_pipeline(family: str, tokenizers: list, text_encoders: list, vae, unet, scheduler):
+    """The stock pipeline of `family` over existing parts (no copy)."""
+    if family == SDXL:  # no watermark: it needs an extra package and changes the images
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoders[0], text_encoder_2=text_encoders[1], tokenizer=tokenizers[0],
+            tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler, add_watermarker=False)
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def load_components(pretrained: str = DEFAULT_MODEL, revision: str | None = None) -> Components:
-    """Tokenizer, text encoder, VAE, UNet and a DDPM noise scheduler for training, all frozen (`requires_grad=False`).
+    """Tokenizers, text encoders, VAE, UNet and a DDPM noise scheduler for training, all frozen
+    (`requires_grad=False`).
 
     The same path serves a hub id and a local folder, so a test that saves the tiny model with `save_pretrained`
     and loads it back exercises exactly what `stable-diffusion-v1-5/stable-diffusion-v1-5` goes through.
     """
     pipe = load_pipeline(pretrained, revision)
+    tokenizers, text_encoders = text_parts(pipe)
     # DDPM with the checkpoint's schedule and prediction type: the noise process the model was trained under.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    for model in (pipe.text_encoder, pipe.vae, pipe.unet):
+    for model in (*text_encoders, pipe.vae, pipe.unet):
         model.requires_grad_(False)
         model.eval()
-    return Components(pipe.tokenizer, pipe.text_encoder, pipe.vae, pipe.unet, noise_scheduler)
-
+    return Components(pipeline_family(pipe), tokenizers, text_encoders, pipe.vae, pipe.unet, noise_scheduler)

@@ -8,8 +8,10 @@ word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-wor
 `initializer_token: ktn` starts them from the rare token the authors' runs used instead.
 
 Exports are what diffusers' Custom Diffusion example writes: `pytorch_custom_diffusion_weights.safetensors` and one
-`<token>.safetensors` per modifier token. diffusers' own `unet.load_attn_procs` silently installs nothing for these
-files (huggingface/diffusers#9320), so `tea_lightning.adapters.load_custom_diffusion` installs the processors itself.
+`<token>.safetensors` per modifier token. On SDXL every modifier token learns a row in each text encoder
+(`modifiers`, `modifiers_2`), and its file holds them as AUTOMATIC1111's SDXL embeddings do (`clip_l`, `clip_g`).
+diffusers' own `unet.load_attn_procs` silently installs nothing for these files (huggingface/diffusers#9320), so
+`tea_lightning.adapters.load_custom_diffusion` installs the processors itself.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from torch import nn
 
 from tea_lightning import export
 from tea_lightning.adapters import cross_attentions, custom_diffusion_processor
+from tea_lightning.conditioning import ENCODER_NAMES, SUFFIXES
 from tea_lightning.data import TrainingConcept, as_training_concepts
 from tea_lightning.module import DiffusionModule
 from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id
@@ -54,22 +57,26 @@ class CustomDiffusion(DiffusionModule):
         self.modifier_tokens = [token for token, _ in pairs]
         self.concept_words = [word for _, word in pairs]
         self.concept_word = self.concept_words[0]
-        concept_ids = [single_token_id(self.tokenizer, word) for word in self.concept_words]
+        concept_ids = [[single_token_id(t, word) for word in self.concept_words] for t in self.tokenizers]
         start_ids = concept_ids if initializer_token is None else \
-            [single_token_id(self.tokenizer, initializer_token, "model.initializer_token")] * len(concept_ids)
-        token_ids = add_new_tokens(self.tokenizer, self.modifier_tokens, what="model.modifier_token")
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        table = self.text_encoder.get_input_embeddings()
-        concept_rows = table.weight[concept_ids].detach().float().clone()  # [k, D]
-        rows = table.weight[start_ids].detach().float().clone()  # [k, D] where each modifier token starts
-        with torch.no_grad():
-            table.weight[token_ids] = rows.to(table.weight.dtype)
-        self.register_buffer("concept_vectors", concept_rows, persistent=False)
-        # One fp32 parameter per token, spliced into the embedding output by its own hook.
-        self.modifiers = nn.ModuleList(LearnedTokens(row[None], first_id=token_id)
-                                       for row, token_id in zip(rows, token_ids, strict=True))
-        for modifier in self.modifiers:
-            modifier.attach(table)
+            [[single_token_id(t, initializer_token, "model.initializer_token")] * len(self.concept_words)
+             for t in self.tokenizers]
+        for suffix, tokenizer, encoder, ids, starts in zip(SUFFIXES, self.tokenizers, self.text_encoders,
+                                                           concept_ids, start_ids, strict=False):
+            token_ids = add_new_tokens(tokenizer, self.modifier_tokens, what="model.modifier_token")
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            table = encoder.get_input_embeddings()
+            concept_rows = table.weight[ids].detach().float().clone()  # [k, D]
+            rows = table.weight[starts].detach().float().clone()  # [k, D] where each modifier token starts
+            with torch.no_grad():
+                table.weight[token_ids] = rows.to(table.weight.dtype)
+            self.register_buffer(f"concept_vectors{suffix}", concept_rows, persistent=False)
+            # One fp32 parameter per token, spliced into the embedding output by its own hook.
+            modifiers = nn.ModuleList(LearnedTokens(row[None], first_id=token_id)
+                                      for row, token_id in zip(rows, token_ids, strict=True))
+            for modifier in modifiers:
+                modifier.attach(table)
+            setattr(self, f"modifiers{suffix}", modifiers)
         for attn in cross_attentions(self.unet).values():
             attn.set_processor(custom_diffusion_processor(attn, train_q_out))
 
@@ -110,15 +117,24 @@ class CustomDiffusion(DiffusionModule):
     def keywords(self) -> list[str]:
         return [f"{token} {word}" for token, word in zip(self.modifier_tokens, self.concept_words, strict=True)]
 
-    def learned_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([m.vectors for m in self.modifiers]), self.concept_vectors
+    def token_modules(self, encoder: int = 0) -> list[LearnedTokens]:
+        return list(getattr(self, f"modifiers{SUFFIXES[encoder]}"))
+
+    def learned_vectors(self, encoder: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = torch.cat([m.vectors for m in self.token_modules(encoder)])
+        return vectors, getattr(self, f"concept_vectors{SUFFIXES[encoder]}")
 
     def export(self, folder: Path, step: int) -> None:
         weights = {name.removeprefix("unet."): tensor.float() for name, tensor in self.trainable_state_dict().items()
                    if name.startswith("unet.")}
         export.write_safetensors(weights, folder / export.CUSTOM_DIFFUSION_WEIGHTS)
-        for token, modifier in zip(self.modifier_tokens, self.modifiers, strict=True):
-            export.write_safetensors({token: modifier.vectors[0].detach().float()}, folder / f"{token}.safetensors")
+        rows = [self.learned_vectors(e)[0].detach().float() for e in range(self.num_text_encoders)]  # [k, D_e] each
+        for i, token in enumerate(self.modifier_tokens):
+            if len(rows) == 1:  # diffusers' Custom Diffusion token file: {token: [D]}
+                tensors, metadata = {token: rows[0][i]}, None
+            else:  # SDXL: one row per encoder, keyed and named as AUTOMATIC1111's SDXL embeddings
+                tensors, metadata = {n: r[i:i + 1] for n, r in zip(ENCODER_NAMES, rows, strict=True)}, {"name": token}
+            export.write_safetensors(tensors, folder / f"{token}.safetensors", metadata=metadata)
         concepts = [{"modifier_token": t, "keyword": k, "concept_word": w}
                     for t, k, w in zip(self.modifier_tokens, self.keywords, self.concept_words, strict=True)]
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,

@@ -8,8 +8,10 @@ many.
 A batch is a dict: ``pixel_values`` [B, 3, H, W] in [-1, 1], ``image_index`` [B] (into the instance images, or into
 the class images for class samples), ``flipped`` [B] bool, ``template`` list[str] (a template with one ``{}`` for the
 keyword, or the finished class prompt), ``concept`` list[int] (which concept; host-side so prompts are built without
-a device sync), plus ``is_class`` [B] bool when class images are used (instance half first, then the class half) and
-``mask`` [B, 1, H, W] when the resize augmentation is on.
+a device sync), ``original_size`` [B, 2] (height, width of the image file) and ``crop_top_left`` [B, 2] (where the
+square crop sits in the resized image, mirrored with the image when flipped: what SDXL is conditioned on), plus
+``is_class`` [B] bool when class images are used (instance half first, then the class half) and ``mask``
+[B, 1, H, W] when the resize augmentation is on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
-from tea_lightning.images import image_paths, load_images
+from tea_lightning.components import SDXL
+from tea_lightning.images import image_paths, load_square_images
 from tea_lightning.prompt_sets import SLOT, check_template, fill
 from tea_lightning.seeding import sample_seed
 
@@ -101,6 +104,8 @@ class ClassPool:
     images: torch.Tensor  # [N, 3, H, W] uint8
     prompt: str
     offset: int
+    original_sizes: torch.Tensor  # [N, 2], as `SquareImages`
+    crop_top_left: torch.Tensor  # [N, 2, 2], as `SquareImages`
 
 
 def collate(items: list) -> dict:
@@ -122,8 +127,14 @@ class ConceptStream(IterableDataset):
 
     def __init__(self, images: torch.Tensor, templates: tuple[str, ...], flip_p: float, seed: int,
                  samples_per_epoch: int, batch_size: int, concept_of: list[int] | None = None,
-                 class_pools: list[ClassPool] | None = None, augment: bool = False) -> None:
+                 class_pools: list[ClassPool] | None = None, augment: bool = False,
+                 original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None) -> None:
         self.images, self.templates, self.flip_p, self.seed = images, templates, flip_p, seed
+        # The geometry of `SquareImages`; without it the images count as files of exactly this size (no crop).
+        size = torch.tensor(images.shape[-2:])
+        self.original_sizes = size.expand(len(images), 2) if original_sizes is None else original_sizes
+        no_crop = torch.zeros(len(images), 2, 2, dtype=torch.long)
+        self.crop_top_left = no_crop if crop_top_left is None else crop_top_left
         self.samples_per_epoch, self.batch_size = samples_per_epoch, batch_size
         self.concept_of = concept_of or [0] * len(images)
         self.class_pools, self.augment = class_pools, augment
@@ -132,9 +143,13 @@ class ConceptStream(IterableDataset):
     def __len__(self) -> int:
         return self.samples_per_epoch
 
-    def _pixels(self, image: torch.Tensor, flipped: bool) -> torch.Tensor:
-        pixels = image.flip(-1) if flipped else image
-        return pixels.float() / 127.5 - 1.0  # [3, H, W] in [-1, 1]
+    @staticmethod
+    def _view(images: torch.Tensor | ClassPool, row: int, flipped: bool) -> dict:
+        """Image `row` of a stream or class pool, flipped or not, in [-1, 1], with its original size and the crop
+        it shows."""
+        pixels = images.images[row].flip(-1) if flipped else images.images[row]
+        return {"pixel_values": pixels.float() / 127.5 - 1.0, "original_size": images.original_sizes[row],
+                "crop_top_left": images.crop_top_left[row, int(flipped)]}
 
     def sample(self, index: int) -> dict | tuple[dict, dict]:
         """Sample number `index` of the infinite stream: each pass over the images is a fresh permutation."""
@@ -145,9 +160,9 @@ class ConceptStream(IterableDataset):
         flipped = bool(torch.rand((), generator=generator) < self.flip_p)
         template = self.templates[int(torch.randint(len(self.templates), (), generator=generator))]
         concept = self.concept_of[image_index]
-        pixels = self._pixels(self.images[image_index], flipped)
-        item = {"pixel_values": pixels, "image_index": image_index, "flipped": flipped, "template": template,
-                "concept": concept}
+        item = {**self._view(self, image_index, flipped), "image_index": image_index, "flipped": flipped,
+                "template": template, "concept": concept}
+        pixels = item["pixel_values"]
         if self.augment:
             item["pixel_values"], item["mask"], prefix = resize_augment(pixels, generator)
             item["template"] = prefix + template
@@ -157,7 +172,7 @@ class ConceptStream(IterableDataset):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, index, 2))
         row = int(torch.randint(len(pool.images), (), generator=generator))
         class_flipped = bool(torch.rand((), generator=generator) < self.flip_p)
-        other = {"pixel_values": self._pixels(pool.images[row], class_flipped), "image_index": pool.offset + row,
+        other = {**self._view(pool, row, class_flipped), "image_index": pool.offset + row,
                  "flipped": class_flipped, "template": pool.prompt, "concept": concept, "is_class": True}
         if self.augment:
             other["mask"] = torch.ones(1, *pixels.shape[-2:])
@@ -301,9 +316,11 @@ class ConceptDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["concepts"])
         self.hparams["concepts"] = None if concepts is None else [asdict(c) for c in self.concepts]
         # Decoded now: a bad file fails before any training. Rows of all concepts, in order.
-        per_concept = [load_images(c.instance_dir, resolution) for c in self.concepts]
-        self.images = torch.cat(per_concept)
-        self.concept_of = [i for i, images in enumerate(per_concept) for _ in range(len(images))]
+        per_concept = [load_square_images(c.instance_dir, resolution) for c in self.concepts]
+        self.images = torch.cat([c.pixels for c in per_concept])  # [N, 3, S, S] uint8
+        self.original_sizes = torch.cat([c.original_sizes for c in per_concept])  # [N, 2]
+        self.crop_top_left = torch.cat([c.crop_top_left for c in per_concept])  # [N, 2, 2]
+        self.concept_of = [i for i, images in enumerate(per_concept) for _ in range(len(images.pixels))]
         self.class_pools: list[ClassPool] | None = None
 
     @staticmethod
@@ -387,6 +404,10 @@ class ConceptDataModule(L.LightningDataModule):
             raise ValueError(f"data.concepts lists {len(self.concepts)} concepts but {type(module).__name__} trains "
                              f"{len(keywords)} keyword(s) {keywords}. Train several concepts with CustomDiffusion "
                              "(it reads data.concepts), or give one data.instance_dir.")
+        if self.hparams.augment and getattr(module, "family", None) == SDXL:
+            raise ValueError("data.augment (Custom Diffusion's resize augmentation) cannot be used with an SDXL model: "
+                             "SDXL is conditioned on each image's size and crop, which a shrunken image on a grey "
+                             "canvas does not have. Set data.augment false.")
 
     def setup(self, stage: str) -> None:
         if self.trainer is not None:
@@ -401,13 +422,13 @@ class ConceptDataModule(L.LightningDataModule):
             if not image_paths(folder):
                 raise FileNotFoundError(f"The class folder {str(folder)!r} ({self._where(i)}class_dir) holds no "
                                         f"images; set {self._where(i)}num_class_images to generate them.")
-            images = load_images(folder, self.hparams.resolution)
-            if len(images) < count:
-                raise ValueError(f"{self._where(i)}class_dir {str(folder)!r} holds {len(images)} images, fewer than "
-                                 f"num_class_images={count}; they are generated in prepare_data (train through a "
+            images = load_square_images(folder, self.hparams.resolution)
+            if len(images.pixels) < count:
+                raise ValueError(f"{self._where(i)}class_dir {str(folder)!r} holds {len(images.pixels)} images, fewer "
+                                 f"than num_class_images={count}; they are generated in prepare_data (train through a "
                                  "Trainer) or lower num_class_images.")
-            pools.append(ClassPool(images, prompt, offset))
-            offset += len(images)
+            pools.append(ClassPool(images.pixels, prompt, offset, images.original_sizes, images.crop_top_left))
+            offset += len(images.pixels)
         self.class_pools = pools
         return pools
 
@@ -424,7 +445,7 @@ class ConceptDataModule(L.LightningDataModule):
             self.images, TEMPLATES.get(templates, (templates,)), self.hparams.flip_p, self.hparams.seed,
             samples_per_epoch=max(1, self.hparams.repeats * len(self.images) // world),
             batch_size=self.hparams.batch_size, concept_of=self.concept_of, class_pools=self.class_pools,
-            augment=self.hparams.augment,
+            augment=self.hparams.augment, original_sizes=self.original_sizes, crop_top_left=self.crop_top_left,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -2,9 +2,11 @@
 identifier before the concept word ("a photo of sks dog"), usually with prior preservation.
 
 The adapters are peft LoRA layers; everything else stays frozen. The export is the file diffusers'
-`StableDiffusionPipeline.save_lora_weights` writes, with the standard text-encoder names, so
-`pipe.load_lora_weights(folder)` loads it unchanged on transformers 4 and 5; beside it the same adapters in kohya's
-layout (`lora_unet_…`/`lora_te_…` with `.alpha`) for AUTOMATIC1111 and ComfyUI.
+`StableDiffusionPipeline.save_lora_weights` writes (`StableDiffusionXLPipeline`'s on SDXL, with both text encoders'
+layers), with the standard text-encoder names, so `pipe.load_lora_weights(folder)` loads it unchanged on
+transformers 4 and 5; beside it the same adapters in kohya's layout (`lora_unet_…`/`lora_te_…` with `.alpha`; on
+SDXL `lora_te1_…`/`lora_te2_…` and the original UNet's block names, as kohya's SDXL files have them) for
+AUTOMATIC1111 and ComfyUI.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from tea_lightning import export
-from tea_lightning.adapters import diffusers_lora_layers, kohya_lora_layers, standard_text_encoder_names
+from tea_lightning.adapters import diffusers_lora_layers, kohya_lora_layers, sgm_unet_names, standard_text_encoder_names
+from tea_lightning.components import SDXL, pipeline_class
+from tea_lightning.conditioning import SUFFIXES
 from tea_lightning.module import DiffusionModule
 from tea_lightning.seeding import sample_seed
 
@@ -32,7 +36,8 @@ class DreamBoothLoRA(DiffusionModule):
         rank: LoRA rank (4 in the paper).
         lora_alpha: LoRA scale numerator (the adapter adds alpha/rank · up·down); default = rank.
         dropout: Dropout on the LoRA input.
-        train_text_encoder: Also put LoRA on the text encoder's q/k/v/out projections (the authors did).
+        train_text_encoder: Also put LoRA on the text encoders' q/k/v/out projections (the authors did); on SDXL
+            on both encoders.
         pretrained, seed, prior_loss_weight, gradient_checkpointing, regularizers, optimizer, lr_scheduler: see
             `DiffusionModule`.
     """
@@ -60,10 +65,12 @@ class DreamBoothLoRA(DiffusionModule):
             torch.manual_seed(sample_seed(self.hparams.seed, 2))
             inject_adapter_in_model(LoraConfig(target_modules=UNET_TARGETS, **config), self.unet)
             if train_text_encoder:
-                inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **config), self.text_encoder)
+                for encoder in self.text_encoders:
+                    inject_adapter_in_model(LoraConfig(target_modules=TEXT_ENCODER_TARGETS, **config), encoder)
         if dropout:  # LoRA dropout only acts in train mode; the frozen weights have no dropout of their own
             self.unet.train()
-            self.text_encoder.train(train_text_encoder)
+            for encoder in self.text_encoders:
+                encoder.train(train_text_encoder)
 
     @property
     def keyword(self) -> str:
@@ -75,22 +82,33 @@ class DreamBoothLoRA(DiffusionModule):
             torch.manual_seed(sample_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank, 1))
 
     def export(self, folder: Path, step: int) -> None:
-        from diffusers import StableDiffusionPipeline
-
-        unet = diffusers_lora_layers(self.unet, self.lora_scale)
-        text_encoder = (standard_text_encoder_names(diffusers_lora_layers(self.text_encoder, self.lora_scale))
-                        if self.trains_text_encoder else None)
-        # The stock writer names the keys; our save function makes the write atomic and refuses NaN.
-        StableDiffusionPipeline.save_lora_weights(
-            folder, unet_lora_layers=unet, text_encoder_lora_layers=text_encoder, weight_name=export.LORA_WEIGHTS,
+        layers = {"unet_lora_layers": diffusers_lora_layers(self.unet, self.lora_scale)}
+        if self.trains_text_encoder:  # text_encoder_lora_layers, and text_encoder_2_lora_layers on SDXL
+            for suffix, encoder in zip(SUFFIXES, self.text_encoders, strict=False):
+                layers[f"text_encoder{suffix}_lora_layers"] = standard_text_encoder_names(
+                    diffusers_lora_layers(encoder, self.lora_scale))
+        # The family's stock writer names the keys; our save function makes the write atomic and refuses NaN.
+        pipeline_class(self.family).save_lora_weights(
+            folder, **layers, weight_name=export.LORA_WEIGHTS,
             save_function=lambda tensors, path: export.write_safetensors(tensors, Path(path), {"format": "pt"}))
-        kohya = kohya_lora_layers(get_peft_model_state_dict(self.unet), "lora_unet", self.lora_alpha)
-        if self.trains_text_encoder:
-            kohya |= kohya_lora_layers(standard_text_encoder_names(get_peft_model_state_dict(self.text_encoder)),
-                                       "lora_te", self.lora_alpha)
-        export.write_safetensors(kohya, folder / export.KOHYA_LORA, {
+        export.write_safetensors(self.kohya_layers(), folder / export.KOHYA_LORA, {
             "ss_network_module": "networks.lora", "ss_network_dim": str(self.hparams.rank),
             "ss_network_alpha": str(self.lora_alpha), "format": "pt"})
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
                               concept_word=self.concept_word, step=step, identifier=self.identifier,
                               rank=self.hparams.rank, trains_text_encoder=self.trains_text_encoder)
+
+    def kohya_layers(self) -> dict[str, torch.Tensor]:
+        """The adapters as kohya's sd-scripts name them: `lora_unet_…` (SD 1.x: diffusers' module paths, the UNet
+        kohya trains SD 1.x on; SDXL: the original UNet's block names, `sgm_unet_names`) and `lora_te_…` (SDXL:
+        `lora_te1_…`, `lora_te2_…`), each with its `.alpha`."""
+        unet = get_peft_model_state_dict(self.unet)
+        if self.family == SDXL:
+            unet = sgm_unet_names(unet, self.unet.config.layers_per_block)
+        kohya = kohya_lora_layers(unet, "lora_unet", self.lora_alpha)
+        if self.trains_text_encoder:
+            prefixes = ("lora_te",) if self.num_text_encoders == 1 else ("lora_te1", "lora_te2")
+            for prefix, encoder in zip(prefixes, self.text_encoders, strict=True):
+                kohya |= kohya_lora_layers(standard_text_encoder_names(get_peft_model_state_dict(encoder)), prefix,
+                                           self.lora_alpha)
+        return kohya

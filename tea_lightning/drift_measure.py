@@ -3,6 +3,8 @@ drift, a prompt set encoded to one vector per sentence, and the histogram of Fig
 
 `drift.py` holds the math; this file applies it to a model's text side. The drift callbacks use it every N steps
 while training, the drift report on every step-stamped export afterwards, so both measure the same quantities.
+SDXL's two text encoders are measured each on its own (their spaces have their own scales), under keys that name
+the encoder: `drift/clip_l/norm`, `drift_sets/clip_g/inter_l2`; SD 1.x/2.x keys name none (`drift/norm`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from tea_lightning import drift
+from tea_lightning.conditioning import encoder_label
 from tea_lightning.prompt_sets import SLOT, available_concepts, resolve
 
 VECTOR_PREFIX = "drift/"  # EmbeddingDrift's TensorBoard keys: drift/norm, drift/norm_ratio, ...
 SETS_PREFIX = "drift_sets/"  # ContextualDrift's: drift_sets/inter_l2, drift_sets/intra_hausdorff, ...
+
+
+def metric_key(prefix: str, key: str, encoder: int, count: int) -> str:
+    """`drift/norm` for the only text encoder; `drift/clip_l/norm`, `drift/clip_g/norm` for SDXL's two."""
+    label = encoder_label(encoder, count)
+    return f"{prefix}{label}/{key}" if label else f"{prefix}{key}"
+
 
 # ------------------------------------------------------------------------------------------------ token level
 
@@ -111,20 +121,22 @@ def contextual_templates(prompt_set: str | None, concept_word: str, fix: str) ->
 
 
 def encode_set(encode: Callable[[list[str]], Tensor], prompts: list[str], input_ids: Tensor, eos_token_id: int,
-               hidden_state: str, batch_size: int) -> Tensor:
-    """Pooled encodings `[n, d]` (fp32) of `prompts`, `batch_size` sentences per text-encoder call.
+               hidden_state: str, batch_size: int, encoder_widths: list[int] | None = None) -> list[Tensor]:
+    """Pooled encodings `[n, d_e]` (fp32) of `prompts`, one per text encoder, `batch_size` sentences per call.
 
     Args:
-        encode: Prompts → last hidden state `[B, L, D]` (`module.encode_prompts`).
+        encode: Prompts → the states the UNet reads `[B, L, D]` (`module.encode_prompts(...).states`).
         prompts: The filled sentences.
         input_ids: Their token ids `[n, L]`, for pooling (tokenize once, reuse every measurement).
         eos_token_id: The end-of-text id.
         hidden_state: One of `drift.HIDDEN_STATES`.
         batch_size: Sentences per call.
+        encoder_widths: Each encoder's part of `D` (SDXL: 768 and 1280), pooled on its own; None: one encoder.
     """
-    pooled = []
+    pooled: list[list[Tensor]] = []
     for start in range(0, len(prompts), batch_size):
         hidden = encode(prompts[start:start + batch_size])  # [B, L, D]
         ids = input_ids[start:start + batch_size].to(hidden.device)
-        pooled.append(drift.pool_hidden_states(hidden, ids, eos_token_id, hidden_state).float())
-    return torch.cat(pooled)
+        parts = hidden.split(encoder_widths, dim=-1) if encoder_widths else [hidden]
+        pooled.append([drift.pool_hidden_states(p, ids, eos_token_id, hidden_state).float() for p in parts])
+    return [torch.cat(column) for column in zip(*pooled, strict=True)]

@@ -11,6 +11,10 @@ Writes `<run>/drift/drift.csv` (one row per step; no plotting library needed) an
 `vocab_norms.png` (Figure 4). The CSV is rewritten after every step, so an interrupted report resumes where it
 stopped. `cosine_initial` is measured against the earliest export (step 0 when the run exported it).
 
+SDXL runs (`learned_embeds.safetensors` + `learned_embeds_2.safetensors` per export) are measured on both text
+encoders, each on its own, with the callbacks' keys (`drift/clip_l/norm`, `drift_sets/clip_g/inter_l2`, ...), and
+plotted per encoder (`contextual_drift-clip_l.png`, ...).
+
 Token-level exports only (Textual Inversion, Custom Diffusion modifier tokens). DreamBooth LoRA exports change
 the text encoder's weights instead; their prompt-level drift is logged during training by `ContextualDrift`.
 """
@@ -32,7 +36,8 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from tea_lightning import drift
-from tea_lightning.components import resolve_pretrained
+from tea_lightning.components import BUILT_IN_CODE, SDXL, load_pipeline, model_family, resolve_pretrained, text_parts
+from tea_lightning.conditioning import SUFFIXES, encode_ids, encoder_label, tokenize, widths
 from tea_lightning.devices import resolve_device
 from tea_lightning.drift_measure import (
     SETS_PREFIX,
@@ -41,10 +46,12 @@ from tea_lightning.drift_measure import (
     embedding_drift,
     encode_set,
     load_prompt_set,
+    metric_key,
     vocabulary_norms,
 )
 from tea_lightning.export import (
     DIFFUSERS_TI,
+    DIFFUSERS_TI_FILES,
     TEA_JSON,
     read_tea_json,
     remove_stale_temporaries,
@@ -52,7 +59,6 @@ from tea_lightning.export import (
     write_json,
 )
 from tea_lightning.prompt_sets import fill
-from tea_lightning.tiny import TINY, tiny_pipeline
 from tea_lightning.tokens import add_new_tokens, placeholder_tokens, single_token_id
 from tea_lightning.user_errors import run_command
 
@@ -60,7 +66,15 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
                   "norm_percentile"]
 SET_COLUMNS = list(drift.SET_KEYS)
-COLUMNS = ["step"] + [VECTOR_PREFIX + c for c in VECTOR_COLUMNS] + [SETS_PREFIX + c for c in SET_COLUMNS]
+
+
+def columns(count: int) -> list[str]:
+    """The CSV's columns for a model with `count` text encoders: the callbacks' metric keys, step first."""
+    return (["step"] + [metric_key(VECTOR_PREFIX, c, e, count) for e in range(count) for c in VECTOR_COLUMNS]
+            + [metric_key(SETS_PREFIX, c, e, count) for e in range(count) for c in SET_COLUMNS])
+
+
+COLUMNS = columns(1)  # SD 1.x/2.x
 CSV_NAME, SETTINGS_NAME = "drift.csv", "drift.json"
 
 
@@ -70,7 +84,7 @@ class Export:
 
     step: int
     folder: Path
-    vectors: dict[str, torch.Tensor]  # placeholder → [k, D]
+    vectors: list[dict[str, torch.Tensor]]  # per text encoder: placeholder → [k, D_e]
 
 
 def find_exports(run: Path) -> tuple[dict[str, Any], list[Export]]:
@@ -106,25 +120,31 @@ def find_exports(run: Path) -> tuple[dict[str, Any], list[Export]]:
             if tea.get(key) != meta.get(key):
                 raise ValueError(f"{str(folder / TEA_JSON)!r} has {key}={tea.get(key)!r} but the earlier exports "
                                  f"have {meta.get(key)!r}: the folder mixes runs; keep one run's exports together")
-        exports.append(Export(step, folder, load_file(folder / DIFFUSERS_TI)))
+        files = [folder / name for name in DIFFUSERS_TI_FILES if (folder / name).is_file()]
+        exports.append(Export(step, folder, [load_file(path) for path in files]))
+        if len(exports[-1].vectors) != len(exports[0].vectors):
+            raise ValueError(f"{str(folder)!r} holds {len(files)} embedding file(s) but the earlier exports hold "
+                             f"{len(exports[0].vectors)}: the folder mixes runs; keep one run's exports together")
     if not meta.get("concept_word"):
         raise ValueError(f"{str(folders[0][1] / TEA_JSON)!r} names no concept_word, which the drift is measured "
                          "against; it was not written by a token-level method of tea-lightning")
     return meta, exports
 
 
-def load_text_parts(base_model: str) -> tuple[Any, torch.nn.Module]:
-    """Tokenizer and text encoder of `base_model` (a hub id, a local diffusers folder or a built-in such as `tiny` or
-    `mini`), nothing else."""
+def load_text_parts(base_model: str) -> tuple[list, list[torch.nn.Module]]:
+    """Tokenizers and text encoders of `base_model` (a hub id, a local diffusers folder or a built-in such as `tiny`,
+    `tiny-sdxl` or `mini`), nothing else: one of each for SD 1.x/2.x, two for SDXL."""
     source = resolve_pretrained(base_model)
-    if source == TINY:
-        pipe = tiny_pipeline()
-        return pipe.tokenizer, pipe.text_encoder
-    from transformers import CLIPTextModel, CLIPTokenizer
+    if source in BUILT_IN_CODE:
+        return text_parts(load_pipeline(source))
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    count = 2 if model_family(source) == SDXL else 1
+    models = (CLIPTextModel, CLIPTextModelWithProjection)[:count]  # SDXL's second encoder has a projection
     try:
-        return (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
-                CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=torch.float32))
+        return ([CLIPTokenizer.from_pretrained(source, subfolder=f"tokenizer{s}") for s in SUFFIXES[:count]],
+                [m.from_pretrained(source, subfolder=f"text_encoder{s}", dtype=torch.float32)
+                 for s, m in zip(SUFFIXES, models, strict=False)])
     except OSError as error:
         raise FileNotFoundError(f"could not load the tokenizer and text encoder of base_model={base_model!r} named "
                                 f"in tea.json: {error}") from error
@@ -136,10 +156,11 @@ def _digest(templates: list[str]) -> str:
 
 def _fingerprint(export: Export) -> str:
     """What an export's row is a function of besides the settings: its learned vectors."""
-    return hashlib.sha256((export.folder / DIFFUSERS_TI).read_bytes()).hexdigest()[:16]
+    files = DIFFUSERS_TI_FILES[:len(export.vectors)]
+    return hashlib.sha256(b"".join((export.folder / name).read_bytes() for name in files)).hexdigest()[:16]
 
 
-def _read_rows(out: Path, settings: dict[str, Any]) -> dict[int, dict[str, str]]:
+def _read_rows(out: Path, settings: dict[str, Any], names: list[str]) -> dict[int, dict[str, str]]:
     """Rows of an earlier report with the same settings whose export is unchanged (resume); nothing when the
     settings changed. A run folder trained again, on another base model or from another seed, is measured anew."""
     try:
@@ -153,12 +174,12 @@ def _read_rows(out: Path, settings: dict[str, Any]) -> dict[int, dict[str, str]]
                  if settings["exports"].get(step) == digest}
     with (out / CSV_NAME).open(newline="") as handle:
         return {int(row["step"]): row for row in csv.DictReader(handle)
-                if list(row) == COLUMNS and int(row["step"]) in unchanged}
+                if list(row) == names and int(row["step"]) in unchanged}
 
 
-def _write_rows(out: Path, rows: dict[int, dict[str, Any]]) -> None:
+def _write_rows(out: Path, rows: dict[int, dict[str, Any]], names: list[str]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=names, lineterminator="\n")
     writer.writeheader()
     for step in sorted(rows):
         writer.writerow(rows[step])
@@ -258,83 +279,96 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str | None
                 "reproduce_authors": bool(reproduce_authors),
                 "exports": {str(e.step): _fingerprint(e) for e in exports}}
     remove_stale_temporaries(out_dir, depth=0)  # a killed report's half-written CSV or plot
-    rows: dict[int, dict[str, Any]] = _read_rows(out_dir, settings)
+    count = len(exports[0].vectors)  # text encoders: one embedding file each
+    names = columns(count)
+    rows: dict[int, dict[str, Any]] = _read_rows(out_dir, settings, names)
     todo = [e for e in exports if e.step not in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(settings, out_dir / SETTINGS_NAME)
-    tokenizer, encoder = load_text_parts(meta["base_model"]) if todo or plots else (None, None)
-    histogram = _histogram_inputs(meta, tokenizer, encoder) if plots else None  # before placeholders are added
+    tokenizers, encoders = load_text_parts(meta["base_model"]) if todo or plots else ([], [])
+    if (todo or plots) and len(encoders) != count:
+        raise ValueError(f"the run's exports hold {count} embedding file(s) but base_model={meta['base_model']!r} "
+                         f"has {len(encoders)} text encoder(s): tea.json names another base model than the run used")
+    # Before placeholders are added: the vocabulary the figure shows is the base model's.
+    histograms = [_histogram_inputs(meta, t, e) for t, e in zip(tokenizers, encoders, strict=True)] if plots else []
 
     if todo:
-        measure = _Measurer(meta, tokenizer, encoder, exports[0], p_templates, s_templates, hidden_state, batch_size,
-                            dict(temperature=temperature, shrinkage=shrinkage, reproduce_authors=reproduce_authors),
-                            device)
+        measure = _Measurer(meta, tokenizers, encoders, exports[0], p_templates, s_templates, hidden_state,
+                            batch_size, dict(temperature=temperature, shrinkage=shrinkage,
+                                             reproduce_authors=reproduce_authors), device)
         for export in tqdm(todo, desc="drift", unit="export"):
             rows[export.step] = {"step": export.step, **measure(export)}
-            _write_rows(out_dir, rows)  # after every step: an interrupted report resumes here
+            _write_rows(out_dir, rows, names)  # after every step: an interrupted report resumes here
     else:
-        _write_rows(out_dir, rows)
-    if plots:
-        plot_all(out_dir / CSV_NAME, out_dir, histogram)
+        _write_rows(out_dir, rows, names)
+    for e, histogram in enumerate(histograms):
+        plot_all(out_dir / CSV_NAME, out_dir, histogram, e, count)
     return out_dir
 
 
 class _Measurer:
-    """The base model's text encoder with the run's placeholder tokens, measuring one export at a time."""
+    """The base model's text encoders with the run's placeholder tokens, measuring one export at a time."""
 
-    def __init__(self, meta: dict[str, Any], tokenizer: Any, encoder: torch.nn.Module, first: Export,
+    def __init__(self, meta: dict[str, Any], tokenizers: list, encoders: list[torch.nn.Module], first: Export,
                  p_templates: list[str], s_templates: list[str], hidden_state: str, batch_size: int,
                  options: dict[str, Any], device: torch.device) -> None:
-        self.tokenizer, self.encoder = tokenizer, encoder.to(device).eval().requires_grad_(False)
+        self.tokenizers = tokenizers
+        self.encoders = [e.to(device).eval().requires_grad_(False) for e in encoders]
         self.hidden_state, self.batch_size, self.options = hidden_state, batch_size, options
-        table = self.encoder.get_input_embeddings()
-        self.vocab_norms = vocabulary_norms(tokenizer, self.encoder)
-        concept_row = table.weight[single_token_id(tokenizer, meta["concept_word"], "tea.json concept_word")]
-        self.concept_row = concept_row.detach().float()
+        self.vocab_norms = [vocabulary_norms(t, e) for t, e in zip(tokenizers, self.encoders, strict=True)]
+        self.concept_rows = [e.get_input_embeddings().weight[single_token_id(t, meta["concept_word"],
+                                                                             "tea.json concept_word")].detach().float()
+                             for t, e in zip(tokenizers, self.encoders, strict=True)]
         # Placeholder tokens as the training run wrote them into prompts ("<v> <v>_1" for two vectors).
-        tokens = meta.get("tokens") or [t for name, v in first.vectors.items()
+        tokens = meta.get("tokens") or [t for name, v in first.vectors[0].items()
                                         for t in placeholder_tokens(name, len(v.reshape(-1, v.shape[-1])))]
-        self.names = list(first.vectors)
-        self.ids = add_new_tokens(tokenizer, tokens, "tea.json tokens")
-        self.encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.names = list(first.vectors[0])
+        self.ids = [add_new_tokens(t, tokens, "tea.json tokens") for t in tokenizers]
+        for tokenizer, encoder in zip(tokenizers, self.encoders, strict=True):
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         self.initial = self._rows(first)
-        if self.initial.shape != (len(self.ids), table.weight.shape[1]):
-            raise ValueError(f"{str(first.folder / DIFFUSERS_TI)!r} holds {tuple(self.initial.shape)} vectors for "
-                             f"tokens {tokens}; the base model's embeddings are {table.weight.shape[1]} wide")
+        for e, (initial, encoder) in enumerate(zip(self.initial, self.encoders, strict=True)):
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if initial.shape != (len(tokens), width):
+                raise ValueError(f"{str(first.folder / DIFFUSERS_TI_FILES[e])!r} holds {tuple(initial.shape)} vectors "
+                                 f"for tokens {tokens}; the base model's embeddings are {width} wide")
         keyword = " ".join(tokens)
         self.sets = {}
         for name, templates, word in (("p_keyword", p_templates, keyword),
                                       ("p_concept", p_templates, meta["concept_word"]),
                                       ("s_keyword", s_templates, keyword)):
             prompts = [fill(t, word) for t in templates]
-            self.sets[name] = (prompts, self._tokenize(prompts))
+            self.sets[name] = (prompts, tokenize(tokenizers[0], prompts))
         self.p_concept = self._encode("p_concept")
 
-    def _rows(self, export: Export) -> torch.Tensor:
-        rows = [export.vectors[name].reshape(-1, export.vectors[name].shape[-1]) for name in self.names]
-        return torch.cat(rows).float()  # [k, D]
-
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids.to(self.encoder.device)
+    def _rows(self, export: Export) -> list[torch.Tensor]:
+        """The learned rows `[k, D_e]` of each text encoder."""
+        return [torch.cat([v[name].reshape(-1, v[name].shape[-1]) for name in self.names]).float()
+                for v in export.vectors]
 
     @torch.no_grad()
-    def _encode(self, name: str) -> torch.Tensor:
+    def _encode(self, name: str) -> list[torch.Tensor]:
         prompts, ids = self.sets[name]
-        return encode_set(lambda batch: self.encoder(self._tokenize(batch))[0], prompts, ids,
-                          self.tokenizer.eos_token_id, self.hidden_state, self.batch_size)
+
+        def states(batch: list[str]) -> torch.Tensor:
+            return encode_ids(self.encoders, [tokenize(t, batch) for t in self.tokenizers]).states
+
+        return encode_set(states, prompts, ids, self.tokenizers[0].eos_token_id, self.hidden_state, self.batch_size,
+                          widths(self.encoders))
 
     @torch.no_grad()
     def __call__(self, export: Export) -> dict[str, float]:
-        vectors = self._rows(export)
-        weight = self.encoder.get_input_embeddings().weight
-        weight[self.ids] = vectors.to(weight.device, weight.dtype)
-        concept_rows = self.concept_row.expand_as(vectors)
-        values = {VECTOR_PREFIX + k: v for k, v in
-                  embedding_drift(vectors, concept_rows, self.initial, self.vocab_norms).items()}
-        distances = drift.contextual_distances(self._encode("p_keyword"), self.p_concept, self._encode("s_keyword"),
-                                               **self.options)
-        values.update({SETS_PREFIX + k: v for k, v in distances.items()})
+        count, values = len(self.encoders), {}
+        for e, (vectors, encoder) in enumerate(zip(self._rows(export), self.encoders, strict=True)):
+            weight = encoder.get_input_embeddings().weight
+            weight[self.ids[e]] = vectors.to(weight.device, weight.dtype)
+            measured = embedding_drift(vectors, self.concept_rows[e].expand_as(vectors), self.initial[e],
+                                       self.vocab_norms[e])
+            values.update({metric_key(VECTOR_PREFIX, k, e, count): v for k, v in measured.items()})
+        p_keyword, s_keyword = self._encode("p_keyword"), self._encode("s_keyword")
+        for e in range(count):
+            distances = drift.contextual_distances(p_keyword[e], self.p_concept[e], s_keyword[e], **self.options)
+            values.update({metric_key(SETS_PREFIX, k, e, count): v for k, v in distances.items()})
         return values
 
 
@@ -362,7 +396,7 @@ def _have_matplotlib() -> bool:
 def _read_csv(path: Path) -> dict[str, list[float]]:
     with Path(path).open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return {column: [float(row[column]) for row in rows] for column in COLUMNS}
+    return {column: [float(row[column]) for row in rows] for column in rows[0]} if rows else {}
 
 
 def _save(figure: Any, path: Path) -> None:
@@ -371,32 +405,43 @@ def _save(figure: Any, path: Path) -> None:
     write_bytes(buffer.getvalue(), path)
 
 
-def plot_all(csv_path: Path, out: Path, histogram: dict[str, Any]) -> list[Path]:
-    """Draw `contextual_drift.png` (Figure 2), `vector_drift.png` and `vocab_norms.png` (Figure 4) from a drift.csv.
+def plot_all(csv_path: Path, out: Path, histogram: dict[str, Any], encoder: int = 0, count: int = 1) -> list[Path]:
+    """Draw `contextual_drift.png` (Figure 2), `vector_drift.png` and `vocab_norms.png` (Figure 4) from a drift.csv,
+    for text encoder `encoder` of `count` (SDXL: one set per encoder, named `contextual_drift-clip_l.png`, ...).
 
     Args:
         csv_path: The report's drift.csv.
         out: Folder for the PNGs.
         histogram: `vocab_norms` (array), `marks` ({label: norm} of reference tokens) and `keyword`.
+        encoder: Which text encoder's columns to draw.
+        count: How many text encoders the run has.
     """
     from matplotlib import cm, colors
     from matplotlib.figure import Figure  # the object API: no pyplot state, no GUI backend
 
     data, out = _read_csv(csv_path), Path(out)
+    name = encoder_label(encoder, count)
+
+    def key(prefix: str, name: str) -> str:
+        return metric_key(prefix, name, encoder, count)
+
     steps = data["step"]
-    paths = [out / "contextual_drift.png", out / "vector_drift.png", out / "vocab_norms.png"]
+    tail = f"-{name}.png" if name else ".png"
+    paths = [out / f"contextual_drift{tail}", out / f"vector_drift{tail}", out / f"vocab_norms{tail}"]
+    keyword = f"{histogram['keyword']} ({name})" if name else histogram["keyword"]
 
     figure = Figure(figsize=(10, 12), layout="constrained")
     axes = figure.subplots(4, 2, sharex=True)
     for row, (metric, title) in enumerate((("l2", "L2"), ("hausdorff", "Hausdorff"), ("mahalanobis", "Mahalanobis"),
                                            ("kl", "KL"))):
         left, right = axes[row]
-        left.plot(steps, data[f"{SETS_PREFIX}inter_{metric}"], "o-", label="inter d(P(V*), P(c))")
+        left.plot(steps, data[key(SETS_PREFIX, f"inter_{metric}")], "o-", label="inter d(P(V*), P(c))")
         intra = {"mahalanobis": "spread"}.get(metric, metric)  # the intra-set Mahalanobis is a constant
-        if f"{SETS_PREFIX}intra_{intra}" in data:
+        if key(SETS_PREFIX, f"intra_{intra}") in data:
             label = "intra spread of P(V*)" if intra == "spread" else "intra d(P(V*), P(V*))"
-            left.plot(steps, data[f"{SETS_PREFIX}intra_{intra}"], "s--", label=label)
-        right.plot(steps, data[f"{SETS_PREFIX}simple_{metric}"], "o-", color="tab:green", label="d(P(V*), S(V*))")
+            left.plot(steps, data[key(SETS_PREFIX, f"intra_{intra}")], "s--", label=label)
+        right.plot(steps, data[key(SETS_PREFIX, f"simple_{metric}")], "o-", color="tab:green",
+                   label="d(P(V*), S(V*))")
         left.set_ylabel(title)
         for axis in (left, right):
             axis.grid(alpha=0.3)
@@ -405,41 +450,41 @@ def plot_all(csv_path: Path, out: Path, histogram: dict[str, Any]) -> list[Path]
     axes[0][1].set_title("(b) contextual vs simple prompts")
     for axis in axes[-1]:
         axis.set_xlabel("step")
-    figure.suptitle(f"Contextual drift of {histogram['keyword']}")
+    figure.suptitle(f"Contextual drift of {keyword}")
     _save(figure, paths[0])
 
     figure = Figure(figsize=(10, 7), layout="constrained")
     (ratio, cosines), (angle, percentile) = figure.subplots(2, 2, sharex=True)
-    ratio.plot(steps, data[f"{VECTOR_PREFIX}norm_ratio"], "o-")
+    ratio.plot(steps, data[key(VECTOR_PREFIX, "norm_ratio")], "o-")
     ratio.set_ylabel("|V*| / |c|")
-    cosines.plot(steps, data[f"{VECTOR_PREFIX}cosine_concept"], "o-", label="cosine to c")
-    cosines.plot(steps, data[f"{VECTOR_PREFIX}cosine_initial"], "s--", label="cosine to initial V*")
+    cosines.plot(steps, data[key(VECTOR_PREFIX, "cosine_concept")], "o-", label="cosine to c")
+    cosines.plot(steps, data[key(VECTOR_PREFIX, "cosine_initial")], "s--", label="cosine to initial V*")
     cosines.legend(fontsize=8)
-    angle.plot(steps, data[f"{VECTOR_PREFIX}angle_concept_deg"], "o-")
+    angle.plot(steps, data[key(VECTOR_PREFIX, "angle_concept_deg")], "o-")
     angle.set_ylabel("angle to c (degrees)")
-    percentile.plot(steps, data[f"{VECTOR_PREFIX}norm_percentile"], "o-")
+    percentile.plot(steps, data[key(VECTOR_PREFIX, "norm_percentile")], "o-")
     percentile.set_ylabel("|V*| percentile among vocabulary norms")
     for axis in (ratio, cosines, angle, percentile):
         axis.grid(alpha=0.3)
     for axis in (angle, percentile):
         axis.set_xlabel("step")
-    figure.suptitle(f"Vector drift of {histogram['keyword']}")
+    figure.suptitle(f"Vector drift of {keyword}")
     _save(figure, paths[1])
 
     figure = Figure(figsize=(10, 5), layout="constrained")
     axis = figure.subplots()
     axis.hist(histogram["vocab_norms"], bins=100, color="0.65", log=True)
     scale = colors.Normalize(vmin=min(steps), vmax=max(max(steps), min(steps) + 1))
-    for step, norm in zip(steps, data[f"{VECTOR_PREFIX}norm"], strict=True):
+    for step, norm in zip(steps, data[key(VECTOR_PREFIX, "norm")], strict=True):
         axis.axvline(norm, color=cm.viridis(scale(step)), linewidth=1.5)
     for (label, norm), (colour, style) in zip(histogram["marks"].items(),
                                               (("tab:blue", "-"), ("tab:red", ":"), ("tab:red", "--")), strict=False):
         axis.axvline(norm, color=colour, linestyle=style, linewidth=1.5, label=label)
-    figure.colorbar(cm.ScalarMappable(norm=scale, cmap="viridis"), ax=axis, label=f"step of |{histogram['keyword']}|")
+    figure.colorbar(cm.ScalarMappable(norm=scale, cmap="viridis"), ax=axis, label=f"step of |{keyword}|")
     axis.set_xlabel("input-embedding norm")
     axis.set_ylabel("vocabulary tokens (log)")
     axis.legend(fontsize=8)
-    axis.set_title(f"Vocabulary norms and |{histogram['keyword']}| over training")
+    axis.set_title(f"Vocabulary norms and |{keyword}| over training")
     _save(figure, paths[2])
     return paths
 

@@ -24,6 +24,8 @@ from safetensors.torch import save_file
 
 # The file names stock diffusers writes and looks for.
 DIFFUSERS_TI = "learned_embeds.safetensors"
+# One file per text encoder: SDXL's second encoder's rows go to learned_embeds_2 (diffusers' `_2` naming).
+DIFFUSERS_TI_FILES = (DIFFUSERS_TI, "learned_embeds_2.safetensors")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
 CUSTOM_DIFFUSION_WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' --no_safe_serialization

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,20 +86,33 @@ def require_image_paths(folder: str | Path, what: str, missing_fix: str, empty_f
     return paths
 
 
-def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
+@dataclass
+class SquareImages:
+    """Images resized (shorter side to `resolution`) and center-cropped to squares, with the geometry SDXL is
+    conditioned on (its `time_ids`): the size each image had and where its crop sits."""
+
+    pixels: torch.Tensor  # [N, 3, S, S] uint8
+    original_sizes: torch.Tensor  # [N, 2] (height, width) as read, EXIF orientation applied, before the resize
+    crop_top_left: torch.Tensor  # [N, 2, 2]: [i, 0] the crop's (top, left) in the resized image, [i, 1] in its mirror
+
+
+def load_square_images(folder: str | Path, resolution: int) -> SquareImages:
     """Every image in `folder` (EXIF orientation applied, RGB), shorter side resized to `resolution` and
-    center-cropped, as uint8 `[N, 3, resolution, resolution]`. Errors name the folder or file and the fix."""
+    center-cropped. Errors name the folder or file and the fix."""
     paths = require_image_paths(folder, "Image folder", missing_fix="Point data.instance_dir at a folder of images.",
                                 empty_fix="Add 3-20 photos of the concept.")
-    images, small = [], []
+    images, sizes, crops, small = [], [], [], []
     for path in paths:
         image = read_image(path)
+        sizes.append((image.height, image.width))
         if min(image.size) * SMALL_FACTOR < resolution:
             small.append((min(image.size), path, image.size))
         scale = resolution / min(image.size)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
         image = image.resize(size, Image.Resampling.BICUBIC)
         left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        # A flipped sample is the mirror of this crop: the mirror of the resized image, cropped further left.
+        crops.append(((top, left), (top, image.width - resolution - left)))
         image = image.crop((left, top, left + resolution, top + resolution))
         images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))  # [3, H, W] uint8
     if small:
@@ -107,7 +121,12 @@ def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
                       f"{resolution} (the smallest, {path.name}, is {width}x{height}): they are enlarged more than "
                       f"{SMALL_FACTOR}x and train blurry. Use photos at least {resolution} px on the short side, or "
                       "a lower data.resolution.", UserWarning, stacklevel=2)
-    return torch.stack(images)
+    return SquareImages(torch.stack(images), torch.tensor(sizes), torch.tensor(crops))
+
+
+def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
+    """The pixels of `load_square_images`: uint8 `[N, 3, resolution, resolution]`."""
+    return load_square_images(folder, resolution).pixels
 
 
 def image_paths(folder: str | Path) -> list[Path]:

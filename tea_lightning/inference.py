@@ -1,18 +1,28 @@
 """Generation with test-time embedding adjustment (TEA) from any checkpoint, through the stock pipeline.
 
-TEA changes only the text embeddings; the images come from the stock `StableDiffusionPipeline.__call__` with
-`prompt_embeds` and `negative_prompt_embeds` (method.md §2):
+TEA changes only the text embeddings; the images come from the stock pipeline of the model's family
+(`StableDiffusionPipeline` or `StableDiffusionXLPipeline`) called with `prompt_embeds` and `negative_prompt_embeds`
+(SDXL: and the pooled ones) (method.md §2):
 
 - **token level** (a learned token row exists: Textual Inversion, Custom Diffusion's modifier token): while the
-  prompt is encoded, a temporary forward hook on the text encoder's input embedding splices `adjust(row, concept
-  row)` in wherever a learned token's id appears, and is removed afterwards. Nothing the model holds is modified,
-  and the same code serves a loaded file and a module in the middle of training.
+  prompt is encoded, a temporary forward hook on each text encoder's input embedding splices `adjust(row, concept
+  row)` in wherever a learned token's id appears (SDXL: each encoder's row towards the concept word's row in that
+  encoder), and is removed afterwards. Nothing the model holds is modified, and the same code serves a loaded file
+  and a module in the middle of training.
 - **prompt level** (DreamBooth; any method with `mode="prompt"`): the prompt with the keyword and the target prompt
   with the concept word in its place are both encoded, and each position of the first is adjusted towards its
   partner in the second (`align="span"`: every token with its true counterpart; `align="position"`: position i
-  with position i, as the authors did). The negative prompt is never adjusted.
+  with position i, as the authors did); on SDXL each encoder's part of the states on its own. The negative prompt
+  is never adjusted.
 - **mixed** (a LoRA and an embedding together, `mode="auto"`): each concept at its own level. The learned rows are
   adjusted while both prompts are encoded, and the target prompt replaces only the keywords without learned rows.
+
+SDXL's pooled embedding (the second encoder's projected end-of-text state, added to the UNet's timestep embedding)
+follows TEA at every level. At token level it comes out of the same forward pass as the states, from the adjusted
+rows. At prompt level it is adjusted towards the target prompt's pooled embedding with the same rho and alpha: it
+is the end-of-text position of the second encoder, which both alignments pair with the target's end of text, and a
+keyword that dominates the prompt dominates this summary too; left alone it would keep the collapsed keyword's
+global signal in every UNet block. rho = alpha = 0 leaves it bit for bit.
 
 Each image's initial noise comes from its own generator seeded from (seed, prompt index, image index), so baseline
 and TEA images of the same index start from the same noise whatever the batch; and both are made in identically
@@ -30,7 +40,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +59,9 @@ from tqdm.auto import tqdm
 from tea_lightning import checkpoints
 from tea_lightning.adapters import adapters_disabled
 from tea_lightning.checkpoints import Concept, Personalized, Source
+from tea_lightning.components import text_parts
+from tea_lightning.conditioning import PromptEmbeds, pipeline_arguments, split, widths
+from tea_lightning.conditioning import encode as encode_conditioning
 from tea_lightning.devices import resolve_device
 from tea_lightning.export import check_writable_folder, remove_stale_temporaries, write_json, write_png
 from tea_lightning.prompting import Prompt, pairing, parse_prompt, token_spans
@@ -118,12 +131,19 @@ class Setting:
 
 
 @torch.no_grad()
-def encode(pipe, texts: Sequence[str]) -> Tensor:
-    """The text encoder's last hidden state `[B, 77, D]`, exactly as the stock pipeline encodes a prompt."""
-    tokenizer = pipe.tokenizer
-    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return pipe.text_encoder(ids.to(pipe.text_encoder.device))[0]
+def encode(pipe, texts: Sequence[str]) -> PromptEmbeds:
+    """`texts` exactly as the stock pipeline of the family encodes a prompt (`tea_lightning.conditioning`)."""
+    return encode_conditioning(*text_parts(pipe), texts)
+
+
+@torch.no_grad()
+def negative_embeddings(pipe, negative_prompt: str | None) -> PromptEmbeds:
+    """The negative prompt's embeddings (one row), as the stock pipeline makes them: SDXL models that set
+    `force_zeros_for_empty_prompt` (the base model does) use zeros when no negative prompt is given."""
+    embeds = encode(pipe, [negative_prompt or ""])
+    if not negative_prompt and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        return PromptEmbeds(torch.zeros_like(embeds.states), torch.zeros_like(embeds.pooled))
+    return embeds
 
 
 def _splice(patch: LearnedTokens, module, args, output):
@@ -132,11 +152,13 @@ def _splice(patch: LearnedTokens, module, args, output):
 
 @contextmanager
 def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[None]:
-    """While inside, the text encoder sees each learned row adjusted towards its concept row (token level)."""
-    table = model.pipe.text_encoder.get_input_embeddings()
+    """While inside, each text encoder sees each of its learned rows adjusted towards its concept row (token
+    level)."""
+    encoders = text_parts(model.pipe)[1]
     handles = []
     try:
         for rows in model.rows:
+            table = encoders[rows.encoder].get_input_embeddings()
             patch = LearnedTokens(adjust(rows.vectors, rows.targets, rho, alpha), rows.first_id)
             patch.requires_grad_(False).to(table.weight.device)
             handles.append(table.register_forward_hook(functools.partial(_splice, patch)))
@@ -149,9 +171,9 @@ def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[Non
 @torch.no_grad()
 def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: Setting, *, level: str = "token",
                       align: str = "span", target_encoder: str = "adapted",
-                      concept_reduce: str = "error") -> Tensor:
-    """Text embeddings `[B, 77, D]` of `prompts` under `setting` (baseline or TEA at `level`: token, prompt or
-    mixed, see the module docstring)."""
+                      concept_reduce: str = "error") -> PromptEmbeds:
+    """Text embeddings of `prompts` under `setting` (baseline or TEA at `level`: token, prompt or mixed, see the
+    module docstring): states `[B, 77, D]` and, for SDXL, pooled `[B, P]`."""
     pipe = model.pipe
     texts = [p.model_text for p in prompts]
     if setting.rho is None:
@@ -159,17 +181,23 @@ def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: S
     if level == "token":
         with adjusted_rows(model, setting.rho, setting.alpha):
             return encode(pipe, texts)
+    tokenizers, encoders = text_parts(pipe)
     if level == "mixed":
         prompts = [p.without_learned() for p in prompts]
     with adjusted_rows(model, setting.rho, setting.alpha) if level == "mixed" else nullcontext():
-        embeds = encode(pipe, texts)  # [B, 77, D]
-        with adapters_disabled(pipe.text_encoder) if target_encoder == "base" else nullcontext():
-            target = encode(pipe, [p.target_text for p in prompts]).float()  # [B, 77, D]
-    weights = torch.stack([pairing(pipe.tokenizer, p, align, concept_reduce) for p in prompts]).to(target.device)
-    paired = weights @ target  # [B, 77, D]: each position's partner in the target prompt
-    adjusted = adjust(embeds, paired, setting.rho, setting.alpha)
-    # A position already equal to its partner (the text before the keyword) is kept bit for bit.
-    return torch.where((embeds.float() == paired).all(dim=-1, keepdim=True), embeds, adjusted)
+        embeds = encode(pipe, texts)
+        with adapters_disabled(*encoders) if target_encoder == "base" else nullcontext():
+            target = encode(pipe, [p.target_text for p in prompts]).to(torch.float32)
+    parts = []
+    for tokenizer, states, target_states in zip(tokenizers, split(embeds.states, widths(encoders)),
+                                                split(target.states, widths(encoders)), strict=True):
+        weights = torch.stack([pairing(tokenizer, p, align, concept_reduce) for p in prompts]).to(states.device)
+        paired = weights @ target_states  # [B, 77, D_e]: each position's partner in the target prompt
+        adjusted = adjust(states, paired, setting.rho, setting.alpha)
+        # A position already equal to its partner (the text before the keyword) is kept bit for bit.
+        parts.append(torch.where((states.float() == paired).all(dim=-1, keepdim=True), states, adjusted))
+    pooled = None if embeds.pooled is None else adjust(embeds.pooled, target.pooled, setting.rho, setting.alpha)
+    return PromptEmbeds(torch.cat(parts, dim=-1), pooled)
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -188,28 +216,29 @@ def image_seed(seed: int, prompt_index: int, image_index: int) -> int:
 
 
 @torch.no_grad()
-def render(pipe, embeds: Tensor, negative: Tensor, seeds: Sequence[int], *, steps: int, guidance: float,
-           resolution: int) -> list[Image.Image]:
-    """Run the stock pipeline on `embeds [N, 77, D]`; image n starts from the noise of its own seed."""
+def render(pipe, embeds: PromptEmbeds, negative: PromptEmbeds, seeds: Sequence[int], *, steps: int,
+           guidance: float, resolution: int) -> list[Image.Image]:
+    """Run the stock pipeline on `embeds` (N prompts) and `negative` (one row); image n starts from the noise of its
+    own seed."""
     unet = pipe.unet
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     size = resolution // pipe.vae_scale_factor
     # Drawn in fp32 on the CPU: the same initial noise on every device and in every precision.
     latents = torch.stack([torch.randn(unet.config.in_channels, size, size, generator=g) for g in generators])
-    return pipe(prompt_embeds=embeds, negative_prompt_embeds=negative.expand(len(seeds), -1, -1),
-                latents=latents.to(unet.device, unet.dtype), generator=generators, num_inference_steps=steps,
-                guidance_scale=guidance, height=resolution, width=resolution, output_type="pil").images
+    return pipe(**pipeline_arguments(embeds, negative), latents=latents.to(unet.device, unet.dtype),
+                generator=generators, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
+                width=resolution, output_type="pil").images
 
 
 def render_jobs(model: Personalized, prompts: Sequence[Prompt], jobs: Sequence[tuple[int, int]], setting: Setting,
-                negative: Tensor, *, seed: int, steps: int, guidance: float, resolution: int, level: str,
+                negative: PromptEmbeds, *, seed: int, steps: int, guidance: float, resolution: int, level: str,
                 align: str = "span", target_encoder: str = "adapted",
                 concept_reduce: str = "error") -> list[Image.Image]:
     """The images of `jobs` [(prompt index, image index)] under `setting`, in one pipeline call."""
     used = sorted({p for p, _ in jobs})
     embeds = prompt_embeddings(model, [prompts[p] for p in used], setting, level=level, align=align,
                                target_encoder=target_encoder, concept_reduce=concept_reduce)
-    rows = embeds[[used.index(p) for p, _ in jobs]]  # [N, 77, D]
+    rows = embeds.select([used.index(p) for p, _ in jobs])  # N prompts
     return render(model.pipe, rows, negative, [image_seed(seed, p, i) for p, i in jobs], steps=steps,
                   guidance=guidance, resolution=resolution)
 
@@ -284,16 +313,16 @@ def _check_out(out: Path, settings: dict) -> None:
 
 
 def checkpoint_fingerprint(source: Source) -> str:
-    """What a checkpoint holds, as 16 hex digits of a SHA-256 over every tensor (name, dtype, shape and bytes).
+    """What a checkpoint holds, as 16 hex digits of a SHA-256 over every tensor (name, dtype, shape and bytes) and the
+    bytes of its LoRA file.
 
     A resumed output folder is matched by this, not by the checkpoint's path: a file replaced at the same path is
     another checkpoint, and the same file moved elsewhere is the same one.
     """
     tensors: dict[str, Tensor] = {}
-    for field in fields(source):
-        value = getattr(source, field.name)
-        if isinstance(value, dict) and value and all(isinstance(v, Tensor) for v in value.values()):
-            tensors.update({f"{field.name}/{name}": tensor for name, tensor in value.items()})
+    for token, rows in source.embeddings.items():  # one [k, D_e] per text encoder
+        tensors.update({f"embeddings/{token}/{i}": r for i, r in enumerate(rows)})
+    tensors.update({f"custom_diffusion/{name}": t for name, t in (source.custom_diffusion or {}).items()})
     if source.module is not None:
         tensors.update({f"module/{name}": t for name, t in source.module.trainable_state_dict().items()})
     digest = hashlib.sha256()
@@ -301,6 +330,11 @@ def checkpoint_fingerprint(source: Source) -> str:
         tensor = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if source.lora is not None:  # installed from the file by diffusers' own loader: its bytes are what counts
+        digest.update(b"lora|")
+        with open(source.lora, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
 
 
@@ -334,7 +368,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         num_images: Images per prompt.
         seed: Base seed; image i of prompt p uses the seed derived from (seed, p, i).
         batch_size: Images per pipeline call.
-        pretrained: Base model; default: the one the checkpoint records, else SD 1.5.
+        pretrained: Base model; default: the one the checkpoint records, else SD 1.5 (SDXL base for SDXL files).
         scheduler: dpm (DPM-Solver multistep, the paper's), ddim, euler, euler_a, pndm or ddpm.
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
@@ -392,7 +426,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     if target == "modifier":
         found = checkpoints.modifier_targets(found, list(source.embeddings))
     parsed = [parse_prompt(p, found) for p in prompts]
-    base = pretrained or source.base_model or checkpoints.DEFAULT_MODEL
+    base = checkpoints.base_model(source, pretrained)
     # The checkpoint is known by its content: a folder resumes only with the very tensors that started it.
     settings = {"checkpoint_fingerprint": checkpoint_fingerprint(source), "base_model": base,
                 "prompts": [p.text for p in parsed],
@@ -411,7 +445,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     level = tea_level(model.concepts, mode, source.kind)
     if level != "token":
         for prompt in parsed:
-            pairing(pipe.tokenizer, prompt.without_learned() if level == "mixed" else prompt, align, concept_reduce)
+            for tokenizer in text_parts(pipe)[0]:
+                pairing(tokenizer, prompt.without_learned() if level == "mixed" else prompt, align, concept_reduce)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(torch_device)
     if dtype != "fp32":
@@ -441,7 +476,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     batches = [jobs[s:s + batch_size] for s in range(0, len(jobs), batch_size)]
     todo = [(b, s) for b in batches for s in runs if not all(finished(record(s, p, i)) for p, i in b)]
     with torch.no_grad():
-        negative = encode(pipe, [negative_prompt or ""])  # [1, 77, D]
+        negative = negative_embeddings(pipe, negative_prompt)
         with tqdm(total=sum(len(b) for b, _ in todo), unit="image", desc="generating", disable=not progress) as bar:
             for batch, setting in todo:
                 images = render_jobs(model, parsed, batch, setting, negative, seed=seed, steps=steps,
@@ -484,7 +519,7 @@ def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: fl
     jobs = [(p, i) for p in range(len(prompts)) for i in range(num_images)]
     settings = [Setting(), Setting(rho, alpha)]
     with torch.no_grad():
-        negative = encode(pipe, [""])
+        negative = negative_embeddings(pipe, None)
         columns = [render_jobs(model, prompts, jobs, s, negative, seed=seed, steps=steps, guidance=guidance,
                                resolution=resolution, level=level) for s in settings]
     return table(columns, [s.label for s in settings])

@@ -3,6 +3,11 @@
 A training step reads top to bottom: images → VAE latents → noise at a random timestep → UNet prediction → MSE
 against the scheduler's target. Each method (one file each) only says which text it encodes, how, and which
 tensors it trains and exports.
+
+One code path serves both model families (design decision 7): "the text encoders" are a list (one for SD 1.x/2.x,
+two for SDXL, as `text_encoder` and `text_encoder_2`, diffusers' names), prompts become a `PromptEmbeds` the way the
+family's stock pipeline encodes them (`tea_lightning.conditioning`), and an SDXL step also gives the UNet each
+image's size and crop (`time_ids`), read from the batch the data module made.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from tea_lightning.components import DEFAULT_MODEL, load_components
+from tea_lightning.components import DEFAULT_MODEL, SDXL, load_components
+from tea_lightning.conditioning import SUFFIXES, PromptEmbeds, encode_ids, stack, time_ids, tokenize
 from tea_lightning.prompt_sets import SLOT, fill
 from tea_lightning.regularizers import Regularizer, check_regularizers
 from tea_lightning.seeding import sample_seed
 from tea_lightning.speed import DEFAULT_SPEED, LatentCache, Speed, fused, prepare
+from tea_lightning.tokens import LearnedTokens
 
 # Frozen parts stay in eval mode on purpose (no dropout in frozen weights), and our stream shards itself across
 # workers: Lightning's generic warnings about both are noise here.
@@ -34,6 +41,21 @@ _HALF = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "16-true": tor
 def _checkpoint_non_reentrant(module: torch.nn.Module, *args: Any) -> Any:
     # The reentrant variant gives no gradient to adapters whose inputs need none, and breaks under DDP.
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def checkpoint_text_encoder(encoder: torch.nn.Module) -> None:
+    """Recompute a transformers text encoder's layer activations in the backward pass (non-reentrant).
+
+    transformers only checkpoints a layer whose own `training` flag is set; only that flag is raised, on the layers
+    themselves, so their attention and MLP stay in eval mode (no dropout in frozen weights).
+    """
+    if hasattr(encoder, "activation_checkpointing_enable"):  # transformers ≥ 5.x; the older name warns there
+        encoder.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for layer in encoder.modules():
+        if getattr(layer, "gradient_checkpointing", False):
+            layer.training = True
 
 
 def masked_mean(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,8 +97,8 @@ class DiffusionModule(L.LightningModule):
             timestep alike, as the original trainers do.
         snr_floor: Lower clip of the same weights (0: Min-SNR as published). 1 keeps the near-pure-noise steps,
             where a model predicting the clean image learns the layout the prompt asks for, at their plain weight.
-        gradient_checkpointing: Recompute the UNet's activations in the backward pass (less memory, about 20%
-            slower); non-reentrant, so it works under DDP.
+        gradient_checkpointing: Recompute the activations of the UNet, and of every text encoder the gradient
+            flows through, in the backward pass (less memory, about 20% slower); non-reentrant, so it works under DDP.
         regularizers: Penalties on the learned vectors added to the loss (see `tea_lightning.regularizers`).
         optimizer: Optimiser over the trainable tensors only (YAML: ``class_path`` + ``init_args``).
         lr_scheduler: Optional learning-rate schedule, stepped every optimiser step.
@@ -103,16 +125,35 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "regularizers", "speed"])
         self.pretrained, self.snr_gamma, self.snr_floor = pretrained, snr_gamma, snr_floor
         parts = load_components(pretrained)
-        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
-        self.text_encoder, self.vae, self.unet = parts.text_encoder, parts.vae, parts.unet
+        self.family, self.noise_scheduler = parts.family, parts.noise_scheduler
+        self.vae, self.unet = parts.vae, parts.unet
+        # `text_encoder`, `text_encoder_2`, ...: diffusers' names, so state-dict keys read like its files.
+        for suffix, tokenizer, encoder in zip(SUFFIXES, parts.tokenizers, parts.text_encoders, strict=False):
+            setattr(self, f"tokenizer{suffix}", tokenizer)
+            setattr(self, f"text_encoder{suffix}", encoder)
+        self.gradient_checkpointing = gradient_checkpointing
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing(_checkpoint_non_reentrant)
         self.regularizers = list(regularizers or [])
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self._last_loss: torch.Tensor | None = None
         self.cache_class_prompts = True  # reuse class-prompt encodings while the text encoder is frozen
-        self._class_states: dict[str, torch.Tensor] = {}
+        self._class_states: dict[str, PromptEmbeds] = {}  # one row per class prompt
         self.speed, self.latent_cache = speed, LatentCache()
+
+    @property
+    def tokenizers(self) -> list:
+        """One tokenizer per text encoder."""
+        return [getattr(self, f"tokenizer{s}") for s in SUFFIXES[:self.num_text_encoders]]
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        """The text encoders: one for SD 1.x/2.x; CLIP ViT-L and OpenCLIP bigG for SDXL."""
+        return [getattr(self, f"text_encoder{s}") for s in SUFFIXES[:self.num_text_encoders]]
+
+    @property
+    def num_text_encoders(self) -> int:
+        return 2 if self.family == SDXL else 1
 
     # ----- what each method defines -------------------------------------------------------------------------------
     @property
@@ -129,18 +170,25 @@ class DiffusionModule(L.LightningModule):
         """Write the method's diffusers-loadable files and `tea.json` into `folder` (which exists and is empty)."""
         raise NotImplementedError
 
-    def learned_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The learned keyword vectors `[k, D]` and their concept rows `[k, D]`, for regularisers and drift."""
+    def learned_vectors(self, encoder: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The learned keyword vectors `[k, D]` in text encoder `encoder` and their concept rows `[k, D]`, for
+        regularisers and drift (SDXL learns rows in each encoder, each its own width)."""
         raise NotImplementedError(f"{type(self).__name__} learns no token vectors")
+
+    def token_modules(self, encoder: int = 0) -> list[LearnedTokens]:
+        """The `LearnedTokens` spliced into text encoder `encoder`, whose rows `learned_vectors(encoder)` returns in
+        the same order; none when the method learns no token rows."""
+        return []
 
     # ----- the diffusion loss -------------------------------------------------------------------------------------
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return ids.to(self.device)  # [B, 77]
+        """The first tokenizer's ids `[B, 77]` (SDXL's second tokenizer splits prompts the same way)."""
+        return tokenize(self.tokenizer, prompts).to(self.device)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder(self.tokenize(prompts))[0]  # [B, 77, D]
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """The UNet's text conditioning: states `[B, 77, D]` (SDXL: both encoders' penultimate states, concatenated)
+        and, for SDXL, the second encoder's pooled output `[B, P]`."""
+        return encode_ids(self.text_encoders, [tokenize(t, prompts) for t in self.tokenizers])
 
     def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
         """Each sample's prompt: its template filled with its concept's keyword; a class prompt (no `{}`) as is."""
@@ -148,8 +196,8 @@ class DiffusionModule(L.LightningModule):
         concepts = batch.get("concept") or [0] * len(batch["template"])
         return [fill(t, keywords[c]) if SLOT in t else t for t, c in zip(batch["template"], concepts, strict=True)]
 
-    def text_states(self, batch: dict[str, Any]) -> torch.Tensor:
-        """`[B, 77, D]` text states of a batch. Class prompts are encoded once and reused while the text encoder's
+    def text_states(self, batch: dict[str, Any]) -> PromptEmbeds:
+        """The text conditioning of a batch. Class prompts are encoded once and reused while the text encoders'
         weights are frozen (they hold no learned token)."""
         prompts = self.batch_prompts(batch)
         fixed = {i for i, t in enumerate(batch["template"]) if SLOT not in t}
@@ -158,10 +206,28 @@ class DiffusionModule(L.LightningModule):
         new = sorted({prompts[i] for i in fixed} - self._class_states.keys())
         if new:
             with torch.no_grad():
-                self._class_states.update(zip(new, self.encode_prompts(new), strict=True))
+                encoded = self.encode_prompts(new)
+                self._class_states.update((p, encoded.select(i)) for i, p in enumerate(new))
         varying = [p for i, p in enumerate(prompts) if i not in fixed]
-        encoded = iter(self.encode_prompts(varying)) if varying else iter(())
-        return torch.stack([self._class_states[p] if i in fixed else next(encoded) for i, p in enumerate(prompts)])
+        encoded = self.encode_prompts(varying) if varying else None
+        rows, k = [], 0
+        for i, prompt in enumerate(prompts):
+            if i in fixed:
+                rows.append(self._class_states[prompt])
+            else:
+                rows.append(encoded.select(k))
+                k += 1
+        return stack(rows)
+
+    def time_ids(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """SDXL's size and crop conditioning `[B, 6]` of each image (`conditioning.time_ids`), from the original size
+        and crop the data module recorded; None for SD 1.x/2.x, whose UNet reads no time ids."""
+        if self.family != SDXL:
+            return None
+        if "original_size" not in batch or "crop_top_left" not in batch:
+            raise ValueError("An SDXL batch must carry each image's original_size and crop_top_left (the "
+                             "ConceptDataModule records them); SDXL's UNet is conditioned on them.")
+        return time_ids(batch["original_size"], batch["crop_top_left"], tuple(batch["pixel_values"].shape[-2:]))
 
     def encode_images(self, pixel_values: torch.Tensor, generator: torch.Generator,
                       keys: list | None = None) -> torch.Tensor:
@@ -183,17 +249,23 @@ class DiffusionModule(L.LightningModule):
         seed = sample_seed(self.hparams.seed, self.global_step, batch_idx, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def diffusion_loss(self, latents: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                       generator: torch.Generator, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def diffusion_loss(self, latents: torch.Tensor, text: PromptEmbeds, generator: torch.Generator,
+                       mask: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample MSE `[B]` between the UNet's prediction and the scheduler's target, averaged over the pixels
         where `mask` `[B, 1, H, W]` (image resolution) is 1 when one is given, and weighted by Min-SNR-γ when
-        `snr_gamma` is set."""
+        `snr_gamma` is set. SDXL's UNet also reads `text.pooled` and `time_ids` `[B, 6]` (`self.time_ids(batch)`)."""
         scheduler = self.noise_scheduler
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator, device=latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        prediction = self.unet(noisy, timesteps, encoder_hidden_states.to(self.unet.dtype)).sample
+        added = None
+        if text.pooled is not None:
+            if time_ids is None:
+                raise ValueError("SDXL's UNet needs time_ids (original size, crop, target size); pass "
+                                 "module.time_ids(batch).")
+            added = {"text_embeds": text.pooled.to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
+        prediction = self.unet(noisy, timesteps, text.states.to(self.unet.dtype), added_cond_kwargs=added).sample
         if scheduler.config.prediction_type == "epsilon":
             target = noise
         elif scheduler.config.prediction_type == "v_prediction":
@@ -225,12 +297,14 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         generator = self.step_generator(batch_idx)
         latents = self.encode_images(batch["pixel_values"], generator, batch.get("latent_keys"))
-        per_sample = self.diffusion_loss(latents, self.text_states(batch), generator, mask=batch.get("mask"))
+        per_sample = self.diffusion_loss(latents, self.text_states(batch), generator, mask=batch.get("mask"),
+                                         time_ids=self.time_ids(batch))
         loss, parts = self.combine(per_sample, batch.get("is_class"))
         if self.regularizers:
-            vectors, concept = self.learned_vectors()
+            rows = [self.learned_vectors(e) for e in range(self.num_text_encoders)]
             for regularizer in self.regularizers:
-                value = regularizer(vectors, concept)
+                # SDXL: each encoder's rows are penalised against their own concept row, and the penalties add up.
+                value = sum(regularizer(vectors, concept) for vectors, concept in rows)
                 parts[f"train/{regularizer.name}"] = value
                 loss = loss + value
         self.log("train/loss", loss, prog_bar=True)
@@ -261,11 +335,19 @@ class DiffusionModule(L.LightningModule):
         # Lightning moves the module, so the fp32 copies never occupy GPU memory.
         dtype = _HALF.get(str(self.trainer.precision))
         if dtype is not None and self.trainer.strategy.root_device.type == "cuda" and self.speed.frozen_half:
+            # SDXL's VAE overflows in fp16 (NaN latents) and says so with `force_upcast`, as the stock SDXL pipeline
+            # reads it: under fp16 it stays fp32 (bf16 has fp32's range). With cached latents it runs once per image.
+            upcast = self.family == SDXL and dtype == torch.float16 and self.vae.config.get("force_upcast", False)
+            keep = {id(p) for p in self.vae.parameters()} if upcast else set()
             for p in self.parameters():
-                if not p.requires_grad:
+                if not p.requires_grad and id(p) not in keep:
                     p.data = p.data.to(dtype)
 
     def on_fit_start(self) -> None:
+        if self.gradient_checkpointing:  # the text encoders the gradient flows through: trained, or holding rows
+            for e, encoder in enumerate(self.text_encoders):
+                if any(p.requires_grad for p in encoder.parameters()) or self.token_modules(e):
+                    checkpoint_text_encoder(encoder)
         check_regularizers(self)  # before the first step: a regulariser this method cannot feed is a config error
         # Caches made before now may hold another dtype or device.
         self._class_states.clear()

@@ -3,7 +3,8 @@
 The learned vectors are their own small fp32 `nn.Parameter` (design decision 1). A forward hook on the text
 encoder's token embedding swaps them in wherever the placeholder's ids appear, so the optimiser never sees the
 49,408-row vocabulary, nothing has to be restored after a step, and the stock pipeline built from this module's
-parts already uses the current vectors.
+parts already uses the current vectors. SDXL learns one set of rows per text encoder (`learned`, `learned_2`), each
+initialised from the concept word's row in that encoder and exported the way each ecosystem loads it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Literal
 import torch
 
 from tea_lightning import export
+from tea_lightning.conditioning import ENCODER_NAMES, SUFFIXES
 from tea_lightning.module import DiffusionModule
 from tea_lightning.tokens import LearnedTokens, add_new_tokens, check_sphere_norm, placeholder_tokens, single_token_id
 
@@ -62,7 +64,8 @@ class TextualInversion(DiffusionModule):
         num_vectors: Vectors per placeholder (multi-vector tokens are exported as `tok`, `tok_1`, ...).
         parametrization: ``free`` learns the vectors outright; ``spherical`` holds every vector's norm fixed (at
             `sphere_norm`) and learns only its direction, so the norm cannot drift.
-        sphere_norm: The fixed norm for ``spherical``; None (default) = the concept word's norm.
+        sphere_norm: The fixed norm for ``spherical``; None (default) = the concept word's norm (on SDXL always:
+            each encoder's rows keep the norm of the concept word's row in that encoder).
         pretrained, seed, prior_loss_weight, regularizers, optimizer, lr_scheduler: see `DiffusionModule`.
     """
 
@@ -79,34 +82,49 @@ class TextualInversion(DiffusionModule):
         if num_vectors < 1:
             raise ValueError(f"model.num_vectors={num_vectors}; use 1 or more.")
         super().__init__(**kwargs)
-        concept_id = single_token_id(self.tokenizer, concept_word)
+        if sphere_norm is not None and self.num_text_encoders > 1:
+            raise ValueError(f"model.sphere_norm={sphere_norm} sets one norm, but the SDXL model {self.pretrained!r} "
+                             "has two text encoders with their own scales; leave it unset, so each encoder's rows keep "
+                             "the norm of the concept word's row in that encoder.")
+        concept_ids = [single_token_id(tokenizer, concept_word) for tokenizer in self.tokenizers]
         self.concept_word, self.placeholder = concept_word, placeholder
         self.tokens = placeholder_tokens(placeholder, num_vectors)
-        token_ids = add_new_tokens(self.tokenizer, self.tokens)
-        # The new vocabulary rows only keep the matrix in step with the tokenizer (for pipelines and exports of the
-        # text encoder); training reads `self.learned`, spliced in by the hook.
-        self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        table = self.text_encoder.get_input_embeddings()
-        concept = table.weight[concept_id].detach().float().clone()
-        with torch.no_grad():
-            table.weight[token_ids] = concept.to(table.weight.dtype)
-        self.register_buffer("concept_vector", concept.clone(), persistent=False)  # [D]
-        norm = sphere_norm_for(parametrization, sphere_norm, concept, f"concept word {concept_word!r}")
-        self.learned = LearnedTokens(concept.repeat(num_vectors, 1), first_id=token_ids[0], norm=norm)
-        self.learned.attach(table)
+        for suffix, tokenizer, encoder, concept_id in zip(SUFFIXES, self.tokenizers, self.text_encoders, concept_ids,
+                                                          strict=False):
+            token_ids = add_new_tokens(tokenizer, self.tokens)
+            # The new vocabulary rows only keep the matrix in step with the tokenizer (for pipelines and exports of
+            # the text encoder); training reads `self.learned`, spliced in by the hook.
+            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            table = encoder.get_input_embeddings()
+            concept = table.weight[concept_id].detach().float().clone()
+            with torch.no_grad():
+                table.weight[token_ids] = concept.to(table.weight.dtype)
+            self.register_buffer(f"concept_vector{suffix}", concept.clone(), persistent=False)  # [D]
+            norm = sphere_norm_for(parametrization, sphere_norm, concept, f"concept word {concept_word!r}")
+            learned = LearnedTokens(concept.repeat(num_vectors, 1), first_id=token_ids[0], norm=norm)
+            learned.attach(table)
+            setattr(self, f"learned{suffix}", learned)
 
     @property
     def keyword(self) -> str:
         return " ".join(self.tokens)
 
-    def learned_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors = self.learned.vectors
-        return vectors, self.concept_vector.expand_as(vectors)
+    def token_modules(self, encoder: int = 0) -> list[LearnedTokens]:
+        return [getattr(self, f"learned{SUFFIXES[encoder]}")]
+
+    def learned_vectors(self, encoder: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors = self.token_modules(encoder)[0].vectors
+        return vectors, getattr(self, f"concept_vector{SUFFIXES[encoder]}").expand_as(vectors)
 
     def export(self, folder: Path, step: int) -> None:
-        vectors = self.learned.vectors.detach().float().cpu()
-        export.write_safetensors({self.placeholder: vectors}, folder / export.DIFFUSERS_TI)
-        export.write_safetensors({"emb_params": vectors}, folder / f"{export.file_stem(self.placeholder)}.safetensors",
+        """diffusers' `learned_embeds.safetensors` (`{placeholder: [n, D]}`; SDXL also `learned_embeds_2` for the
+        second encoder) and the single file AUTOMATIC1111, ComfyUI and kohya load: `emb_params`, or on SDXL
+        `clip_l` and `clip_g`."""
+        rows = [self.learned_vectors(e)[0].detach().float().cpu() for e in range(self.num_text_encoders)]
+        for name, vectors in zip(export.DIFFUSERS_TI_FILES, rows, strict=False):
+            export.write_safetensors({self.placeholder: vectors}, folder / name)
+        single = {"emb_params": rows[0]} if len(rows) == 1 else dict(zip(ENCODER_NAMES, rows, strict=True))
+        export.write_safetensors(single, folder / f"{export.file_stem(self.placeholder)}.safetensors",
                                  metadata={"name": self.placeholder, "step": str(step)})
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.placeholder,
                               tokens=self.tokens, concept_word=self.concept_word, step=step)

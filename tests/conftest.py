@@ -24,6 +24,16 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """The built-in tiny SDXL model saved as a diffusers folder: loaded back through the path a hub id takes."""
+    from tea_lightning.tiny import tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def untrained_world(tmp_path_factory) -> Path:
     """`python -m tea_lightning.mini.world new FOLDER`: the mini architecture with seeded random weights."""
     from tea_lightning.mini.world import main

@@ -37,7 +37,7 @@ def _stock_embeddings(pipe, prompt: str) -> torch.Tensor:
 def _our_embeddings(checkpoint, prompt: str, setting: Setting, **concepts) -> torch.Tensor:
     source = checkpoints.read(checkpoint)
     model = checkpoints.build(source, checkpoints.resolve_concepts(source.concepts, **concepts), pretrained="tiny")
-    return prompt_embeddings(model, [parse_prompt(prompt, model.concepts)], setting, level="token")
+    return prompt_embeddings(model, [parse_prompt(prompt, model.concepts)], setting, level="token").states
 
 
 @pytest.fixture(scope="module")

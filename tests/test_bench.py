@@ -28,14 +28,23 @@ def _method(name: str):
 
 @pytest.mark.parametrize("method", list(train_step.METHODS))
 def test_reference_step_computes_our_loss_and_trains_the_same_tensors(tmp_path, method):
+    _assert_reference_trains_what_we_train(tmp_path, method, "tiny")
+
+
+@pytest.mark.parametrize("method", list(train_step.METHODS))
+def test_the_sdxl_reference_step_computes_our_loss_and_trains_the_same_tensors(tmp_path, method):
+    _assert_reference_trains_what_we_train(tmp_path, method, "tiny-sdxl")
+
+
+def _assert_reference_trains_what_we_train(tmp_path, method: str, pretrained: str) -> None:
     # Weight decay on: the reference must restore (TI) or shield (CD) the frozen rows it holds in its optimiser.
     # A large epsilon keeps Adam from blowing rounding-level gradient differences up to whole steps where a gradient
     # is near zero (LoRA's up weights start at zero), so the trained tensors can be compared closely.
     adam = dict(lr=5e-2, weight_decay=1e-2, eps=1e-3)
-    ours = _method(method)(pretrained="tiny", seed=3, optimizer=functools.partial(torch.optim.AdamW, **adam),
+    ours = _method(method)(pretrained=pretrained, seed=3, optimizer=functools.partial(torch.optim.AdamW, **adam),
                            **train_step.METHODS[method].kwargs)
     reference = ReferenceStep(Template.of(ours), torch.device("cpu"), "32", **adam)
-    rows_before = reference.text_encoder.get_input_embeddings().weight.detach().clone()
+    rows_before = [e.get_input_embeddings().weight.detach().clone() for e in reference.text_encoders]
     record = _Record()
 
     make_trainer(tmp_path, max_steps=3, callbacks=[record]).fit(ours, star_data(batch_size=1))
@@ -44,17 +53,21 @@ def test_reference_step_computes_our_loss_and_trains_the_same_tensors(tmp_path, 
 
     torch.testing.assert_close(torch.stack(reference_losses), torch.stack(record.losses), rtol=1e-4, atol=1e-6)
     close = dict(rtol=1e-3, atol=1e-4)  # lr 5e-2: a fraction of a percent of one step
-    trained = dict(ours.unet.named_parameters())
-    for name, p in reference.unet.named_parameters():
-        if p.requires_grad:  # LoRA / Custom Diffusion tensors, same names on both sides
-            torch.testing.assert_close(p.detach(), trained[name].detach(), **close)
-    if reference.new_ids:  # TI placeholder / CD modifier rows
-        torch.testing.assert_close(reference.learned_rows(), ours.learned_vectors()[0].detach(), **close)
-        rows = reference.text_encoder.get_input_embeddings().weight.detach()
-        frozen = torch.ones(len(rows), dtype=torch.bool)
-        frozen[reference.new_ids] = False
-        if method == "ti":  # textual_inversion.py restores them bit for bit
-            assert torch.equal(rows[frozen], rows_before[frozen]), "the reference let weight decay move frozen rows"
+    trained = {name: p for name, p in ours.named_parameters() if p.requires_grad}
+    encoders = zip(("text_encoder", "text_encoder_2"), reference.text_encoders, strict=False)
+    models = {"unet": reference.unet, **dict(encoders)}
+    for prefix, model in models.items():  # LoRA / Custom Diffusion tensors, same names on both sides
+        for name, p in model.named_parameters():
+            if p.requires_grad and f"{prefix}.{name}" in trained:
+                torch.testing.assert_close(p.detach(), trained[f"{prefix}.{name}"].detach(), **close)
+    for e, encoder in enumerate(reference.text_encoders):
+        if reference.encoder_ids[e]:  # TI placeholder / CD modifier rows
+            torch.testing.assert_close(reference.learned_rows(e), ours.learned_vectors(e)[0].detach(), **close)
+            rows = encoder.get_input_embeddings().weight.detach()
+            frozen = torch.ones(len(rows), dtype=torch.bool)
+            frozen[reference.encoder_ids[e]] = False
+            if method == "ti":  # textual_inversion.py restores them bit for bit
+                assert torch.equal(rows[frozen], rows_before[e][frozen]), "weight decay moved frozen rows"
 
 
 def test_benchmark_runs_on_the_tiny_model_and_prints_the_table(capsys):

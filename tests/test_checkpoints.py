@@ -239,7 +239,7 @@ def test_every_embedding_format_loads_as_stock_diffusers_would_and_changes_the_i
     stock = tiny_pipeline()
     stock.load_textual_inversion(str(files[key]), token=keyword)
     with torch.no_grad():
-        ours = encode(model.pipe, [parse_prompt(prompt, model.concepts).model_text])
+        ours = encode(model.pipe, [parse_prompt(prompt, model.concepts).model_text]).states
         theirs = stock.text_encoder(stock.tokenizer(stock.maybe_convert_prompt(prompt, stock.tokenizer),
                                                     padding="max_length", max_length=77,
                                                     return_tensors="pt").input_ids)[0]

@@ -60,7 +60,7 @@ def _distances_from_scratch(module, templates: list[str]) -> dict[str, float]:
     """Each set encoded now in one call, the last position: no cache, no batching, no pooling helper."""
     def encode(prompts):
         with torch.no_grad():
-            return module.encode_prompts(prompts)[:, -1]
+            return module.encode_prompts(prompts).states[:, -1]
 
     p_keyword = encode([fill(t, module.keyword) for t in templates])
     p_concept = encode([fill(t, module.concept_word) for t in templates])
@@ -167,9 +167,9 @@ def test_dreambooth_drift_as_the_authors_defined_it_starts_at_zero_and_matches_b
     assert logged[4]["drift_sets/base_paired_l2"] > 0
     templates = [fill(t, module.keyword) for t in contextual_set("toy")]
     with torch.no_grad():
-        adapted = module.encode_prompts(templates)[:, -1]
+        adapted = module.encode_prompts(templates).states[:, -1]
         with adapters_disabled(module.text_encoder):
-            base = module.encode_prompts(templates)[:, -1]
+            base = module.encode_prompts(templates).states[:, -1]
     assert logged[4]["drift_sets/base_paired_l2"] == pytest.approx((adapted - base).norm(dim=1).mean().item(), rel=1e-4)
     assert logged[4]["drift_sets/base_l2"] == pytest.approx(drift.l2_distance(adapted, base).item(), rel=1e-4)
     assert logged[4]["drift_sets/base_kl"] == pytest.approx(drift.kl_divergence(adapted, base).item(), rel=1e-3,

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tea_lightning import checkpoints
+from tea_lightning import checkpoints, inference
 from tea_lightning.checkpoints import Concept, Personalized
 from tea_lightning.inference import Setting, encode, generate, prompt_embeddings
 from tea_lightning.prompting import parse_prompt, read_prompts_file
@@ -162,8 +162,8 @@ def _prompt_level_case():
     model = Personalized(tiny_pipeline(), [Concept("sks star", "star")], [], "test", "tiny")
     prompt = parse_prompt("a photo of sks star wearing glasses", model.concepts)
     with torch.no_grad():
-        embeds = encode(model.pipe, [prompt.model_text])[0]  # [77, D]
-        target = encode(model.pipe, [prompt.target_text])[0]
+        embeds = encode(model.pipe, [prompt.model_text]).states[0]  # [77, D]
+        target = encode(model.pipe, [prompt.target_text]).states[0]
     return model, prompt, embeds, target
 
 
@@ -174,8 +174,8 @@ def test_span_alignment_keeps_the_text_before_the_keyword_and_pairs_later_tokens
     keyword = len(tokenizer("sks star", add_special_tokens=False).input_ids)
     assert keyword == 2
     with torch.no_grad():
-        gentle = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="span")[0]
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="prompt", align="span")[0]
+        gentle = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="span").states[0]
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="prompt", align="span").states[0]
     assert torch.equal(gentle[:before], embeds[:before])
     assert not torch.allclose(gentle[before:], embeds[before:])
     # rho = alpha = 1 lands each position on its partner: both keyword tokens on "star", then every later token
@@ -187,7 +187,7 @@ def test_span_alignment_keeps_the_text_before_the_keyword_and_pairs_later_tokens
 def test_position_alignment_reproduces_the_authors_position_by_position_pairing():
     model, prompt, embeds, target = _prompt_level_case()
     with torch.no_grad():
-        ours = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="position")[0]
+        ours = prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align="position").states[0]
     authors = torch.stack([adjust(embeds[i], target[i], 0.2, 0.5) for i in range(77)])
     torch.testing.assert_close(ours, authors, atol=1e-6, rtol=0)
 
@@ -203,9 +203,9 @@ def test_target_encoder_base_encodes_the_target_with_the_adapters_off(tmp_path):
     prompt = parse_prompt("a photo of sks star", model.concepts)
     with torch.no_grad():
         full = {which: prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="prompt", align="position",
-                                         target_encoder=which)[0] for which in ("adapted", "base")}
-        adapted_target = encode(pipe, [prompt.target_text])[0]
-        base_target = encode(Personalized(tiny_pipeline(), [], [], "", "").pipe, [prompt.target_text])[0]
+                                         target_encoder=which).states[0] for which in ("adapted", "base")}
+        adapted_target = encode(pipe, [prompt.target_text]).states[0]
+        base_target = encode(Personalized(tiny_pipeline(), [], [], "", "").pipe, [prompt.target_text]).states[0]
     torch.testing.assert_close(full["adapted"], adapted_target, atol=1e-4, rtol=0)
     torch.testing.assert_close(full["base"], base_target, atol=1e-4, rtol=0)
     assert all(p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "lora" in n), "trainability lost"
@@ -220,9 +220,9 @@ def test_the_authors_custom_diffusion_target_replaces_only_the_modifier_and_pair
     prompt = parse_prompt("{} on a boat in the sea", model.concepts)
     assert prompt.target_text == "star star on a boat in the sea", "the class word stays, as in the authors' runs"
     with torch.no_grad():
-        embeds = encode(pipe, [prompt.model_text])[0]
-        target = encode(pipe, [prompt.target_text])[0]
-        spans = [prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align=a)[0]
+        embeds = encode(pipe, [prompt.model_text]).states[0]
+        target = encode(pipe, [prompt.target_text]).states[0]
+        spans = [prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align=a).states[0]
                  for a in ("span", "position")]
     torch.testing.assert_close(spans[0], spans[1], atol=0, rtol=0)  # same length: both pairings are i with i
     torch.testing.assert_close(spans[1], torch.stack([adjust(embeds[i], target[i], 0.2, 0.5) for i in range(77)]),
@@ -243,9 +243,9 @@ def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embed
     model = checkpoints.build(source, concepts, pretrained="tiny")
     prompt = parse_prompt("a photo of <m> touching a <d>", model.concepts)
     with torch.no_grad():
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token")
-        words = encode(model.pipe, ["a photo of man touching a dog"])
-        baseline = prompt_embeddings(model, [prompt], Setting(), level="token")
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token").states
+        words = encode(model.pipe, ["a photo of man touching a dog"]).states
+        baseline = prompt_embeddings(model, [prompt], Setting(), level="token").states
     torch.testing.assert_close(full, words, atol=1e-5, rtol=0)
     assert not torch.allclose(baseline, words)
 
@@ -256,8 +256,8 @@ def test_multi_vector_tokens_expand_and_every_vector_is_adjusted(embeddings):
     prompt = parse_prompt("a photo of <v>", model.concepts)
     assert prompt.model_text == "a photo of <v> <v>_1"
     with torch.no_grad():
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token")
-        words = encode(model.pipe, ["a photo of star star"])
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token").states
+        words = encode(model.pipe, ["a photo of star star"]).states
     torch.testing.assert_close(full, words, atol=1e-5, rtol=0)
 
 
@@ -280,8 +280,6 @@ def test_a_prompt_longer_than_the_text_encoder_reads_is_refused(embeddings, tmp_
 
 
 def test_generation_uses_the_available_accelerator_in_half_precision_by_default(monkeypatch):
-    from tea_lightning import inference
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert inference._resolve_device(None, "auto") == (torch.device("cuda"), "fp16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -302,9 +300,9 @@ def test_a_lora_and_an_embedding_together_each_get_their_own_level(embeddings, t
     tokenizer = model.pipe.tokenizer
     before = 1 + len(tokenizer("a photo of <m> next to", add_special_tokens=False).input_ids)
     with torch.no_grad():
-        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="mixed")[0]
-        words = encode(model.pipe, ["a photo of man next to sks circle"])[0]
-        target = encode(model.pipe, ["a photo of man next to circle"])[0]
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="mixed").states[0]
+        words = encode(model.pipe, ["a photo of man next to sks circle"]).states[0]
+        target = encode(model.pipe, ["a photo of man next to circle"]).states[0]
     # token level: <m>'s row became man's, so the text up to the LoRA keyword reads "a photo of man next to"
     torch.testing.assert_close(full[:before], words[:before], atol=1e-5, rtol=0)
     # prompt level: both tokens of "sks circle" land on "circle", later tokens on their counterparts
@@ -317,3 +315,16 @@ def test_a_lora_and_an_embedding_together_each_get_their_own_level(embeddings, t
     assert {r.level for r in records} == {None, "mixed"}
     with pytest.raises(ValueError, match=r"mode='token' needs learned token rows.*\['sks circle'\]"):
         generate(paths, ["a photo of <m> next to sks circle"], tmp_path / "token", mode="token", **common)
+
+
+def test_a_lora_replaced_at_the_same_path_is_another_checkpoint_for_resume(tmp_path):
+    # A LoRA is installed from its file, so the fingerprint must read the file: two trainings written to the same
+    # path would otherwise mix their images in one resumed folder.
+    from helpers import lora_module
+    from tea_lightning.export import LORA_WEIGHTS
+
+    lora_module(rank=2).export(tmp_path, step=0)
+    first = inference.checkpoint_fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS))
+    assert inference.checkpoint_fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS)) == first
+    lora_module(rank=2, seed=1).export(tmp_path, step=0)
+    assert inference.checkpoint_fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS)) != first

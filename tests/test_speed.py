@@ -102,3 +102,21 @@ def test_speed_options_are_typed_cli_arguments_with_the_measured_defaults(monkey
     assert ti_module().speed == Speed()
     with pytest.raises(ArgumentError, match="flash"):  # jsonargparse rejects a value outside the Literal
         train.main(["--config", "configs/demo.yaml", "--model.init_args.speed.attention", "flash"], run=False)
+
+
+def test_8bit_adam_is_chosen_from_the_command_line_and_without_bitsandbytes_says_how_to_install_it(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(ROOT)
+    cli = train.main(["--config", "configs/demo.yaml", "--model.init_args.pretrained", "tiny",
+                      "--model.init_args.optimizer", "tea_lightning.speed.AdamW8bit",
+                      "--model.init_args.optimizer.lr", "1e-3"], run=False)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as when it is not installed
+    with pytest.raises(ValueError, match=r"needs bitsandbytes.*pip install \"tea-lightning\[bnb\]\""):
+        cli.model.configure_optimizers()
+    made = []
+    fake = SimpleNamespace(optim=SimpleNamespace(AdamW8bit=lambda params, **kwargs: made.append(kwargs) or "8bit"))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    assert cli.model.configure_optimizers() == "8bit"
+    assert len(made) == 1 and made[0]["lr"] == 1e-3 and set(made[0]) == {"lr", "betas", "eps", "weight_decay"}

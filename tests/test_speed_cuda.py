@@ -22,13 +22,13 @@ METHODS = {
 }
 
 
-def build(method: str, speed: Speed = Speed()):  # noqa: B008 - frozen dataclass
+def build(method: str, speed: Speed = Speed(), pretrained: str = "tiny"):  # noqa: B008 - frozen dataclass
     module_name, cls, kwargs = METHODS[method]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError:
         pytest.skip(f"{module_name} is not on this branch yet")
-    return getattr(module, cls)(pretrained="tiny", speed=speed, **kwargs)
+    return getattr(module, cls)(pretrained=pretrained, speed=speed, **kwargs)
 
 
 def cuda_trainer(tmp_path, steps: int, precision: str, **kwargs):
@@ -71,3 +71,17 @@ def test_cuda_compiled_unet_trains(tmp_path):
     trainer.fit(module, star_data())
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert torch.isfinite(module.learned.vectors).all()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("method", list(METHODS))
+def test_cuda_sdxl_steps_are_finite_with_half_frozen_weights_and_an_fp32_vae_under_fp16(tmp_path, method, precision):
+    module = build(method, pretrained="tiny-sdxl")
+    trainer = cuda_trainer(tmp_path, 3, precision)
+    trainer.fit(module, star_data())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    half = torch.bfloat16 if precision.startswith("bf16") else torch.float16
+    for encoder in module.text_encoders:
+        assert all(p.dtype == half for p in encoder.parameters() if not p.requires_grad)
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): it stays fp32 under 16-mixed, bf16 is safe.
+    assert next(module.vae.parameters()).dtype == (torch.float32 if half == torch.float16 else half)

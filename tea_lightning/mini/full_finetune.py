@@ -19,6 +19,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 from tea_lightning import export
+from tea_lightning.conditioning import PromptEmbeds
 from tea_lightning.module import DiffusionModule
 
 
@@ -51,7 +52,7 @@ class FullFineTune(DiffusionModule):
                              "'caption' per image, such as tea_lightning.mini.scenes.SceneDataModule.")
         return list(batch["caption"])
 
-    def text_states(self, batch: dict[str, Any]) -> torch.Tensor:
+    def text_states(self, batch: dict[str, Any]) -> PromptEmbeds:
         return self.encode_prompts(self.batch_prompts(batch))  # every caption differs: nothing to cache
 
     def pipeline(self) -> StableDiffusionPipeline:
