@@ -1,18 +1,25 @@
 """The world's own images, labelled by a person: the set the readout is checked against.
 
 A readout that scores 99 % on the scene generator's renders can still misread the images the world's model draws
-(its stars have fatter, uneven arms; its circles wobble). `labelled/` holds images the model drew, of the kinds
-the experiment scores (plain prompts, Textual Inversion images of the pink star at a mild and a hot setting,
-without TEA, with TEA and pulled all the way to `star`), and `labelled/labels.csv`, written by a person looking at
-each image enlarged (issue 13). The readout's agreement with those labels, per attribute, is the number that says
-whether its readings can be trusted:
+(its stars have fatter, uneven arms; its circles wobble). `labelled/` holds images the model drew and
+`labelled/labels.csv`, written by a person looking at each image enlarged, in shuffled order and without the
+prompt or the readout's answer in view (issue 13):
 
-    python -m tea_lightning.mini.labelled                 # agreement of the shipped readout, per attribute
-    python -m tea_lightning.mini.labelled make runs/labelled   # draw the images again (two TI runs, ~8 CPU-min)
+- batch 1 (108 images, `w-*` and `ti*-*`): plain prompts, and Textual Inversion images of the pink star at a mild,
+  a hot and a too-hot setting, without TEA, with TEA and pulled all the way to `star` (`make` draws them again);
+  labelled before any readout was run on them, then used once to choose between two readouts (docs/mini_world.md);
+- batch 2 (48 images, `x-*`): drawn at random from the full experiment's images (all three methods, both prompt
+  forms, TEA sweep settings), labelled after the shipped readout was final: a held-out check.
+
+The readout's agreement with those labels, per attribute, is the number that says whether its readings can be
+trusted:
+
+    python -m tea_lightning.mini.labelled                 # agreement of the shipped readout, per attribute and batch
+    python -m tea_lightning.mini.labelled make runs/labelled   # draw batch 1 again (three TI runs, ~6 CPU-min)
 
 `labels.csv` columns: `file`, `source`, `prompt`, `background` (the colour seen, `?` when unclear), `objects` (each
 object seen as "colour shape", `;`-separated; `?` for a colour or shape that cannot be told, `blob` for a shape
-that is none of the four), `concept` (`yes`, `no` or `unclear`: is a pink star there?) and `note`.
+that is none of the four), `concept` (`yes`, `no` or `unclear`: is a pink star there?), `note` and `batch`.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ class Label:
     objects: tuple[tuple[str, str], ...]  # (colour or "?", shape, "blob" or "?")
     concept: str  # yes | no | unclear
     note: str = ""
+    batch: str = "1"
 
     @property
     def requested_background(self) -> str | None:
@@ -73,7 +81,7 @@ def load_labels(path: Path = LABELS) -> list[Label]:
             raise ValueError(f"row {row['file']!r} of {path}: background {row['background']!r} or concept "
                              f"{row['concept']!r} is not a colour/? and yes/no/unclear.")
         labels.append(Label(row["file"], row["source"], row["prompt"], row["background"], _objects(row["objects"]),
-                            row["concept"], row.get("note", "")))
+                            row["concept"], row.get("note", ""), row.get("batch", "1")))
     return labels
 
 
@@ -100,10 +108,11 @@ def compare(label: Label, reading: Reading) -> dict[str, bool]:
     return out
 
 
-def agreement(readout=None, path: Path = LABELS) -> dict[str, tuple[int, int]]:
-    """{attribute: (images where the readout agrees with the person, images the person decided)}."""
+def agreement(readout=None, path: Path = LABELS, batch: str | None = None) -> dict[str, tuple[int, int]]:
+    """{attribute: (images where the readout agrees with the person, images the person decided)}, over every
+    labelled image or those of one `batch`."""
     readout = readout or load_readout()
-    labels = load_labels(path)
+    labels = [label for label in load_labels(path) if batch is None or label.batch == batch]
     images = []
     for label in labels:
         with Image.open(Path(path).parent / label.file) as image:
@@ -179,8 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     weights = getattr(args, "readout", None)
     readout = load_readout(weights) if weights else load_readout()
-    for name, (agree, n) in agreement(readout).items():
-        print(f"{name:<11} {agree:>4}/{n:<4} {100 * agree / max(n, 1):5.1f} %")
+    batches = sorted({label.batch for label in load_labels()})
+    results = {"all": agreement(readout)} | {f"batch {b}": agreement(readout, batch=b) for b in batches}
+    print(f"{'attribute':<11} " + " ".join(f"{name:>16}" for name in results))
+    for attribute in ATTRIBUTES:
+        cells = [f"{a}/{n} {100 * a / max(n, 1):5.1f}%" for a, n in (r[attribute] for r in results.values())]
+        print(f"{attribute:<11} " + " ".join(f"{c:>16}" for c in cells))
 
 
 if __name__ == "__main__":
