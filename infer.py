@@ -22,12 +22,13 @@ EPILOG = ("Example: python infer.py --checkpoint runs/demo/lightning_logs/versio
 
 
 def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: str | None = None,
-          out: str = "samples", rho: tuple[float, ...] = (0.2,), alpha: tuple[float, ...] = (0.5,),
+          out: str = "samples", rho: tuple[float, ...] | None = None, alpha: tuple[float, ...] = (0.5,),
           compare: bool = True, num_images: int = 4, seed: int = 0, batch_size: int = 4,
           pretrained: str | None = None, scheduler: Literal["dpm", "ddim", "euler", "euler_a", "pndm", "ddpm"] = "dpm",
           steps: int = 50, guidance: float = 7.0, resolution: int | None = None,
           mode: Literal["auto", "token", "prompt"] = "auto", align: Literal["span", "position"] = "span",
-          target_encoder: Literal["adapted", "base"] = "adapted", concept: list[str] | None = None,
+          target_encoder: Literal["adapted", "base"] = "adapted", target: Literal["word", "modifier"] = "word",
+          concept: list[str] | None = None,
           concept_word: str | None = None, concept_reduce: Literal["error", "mean"] = "error",
           negative_prompt: str | None = None, device: str | None = None,
           dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto") -> None:
@@ -39,12 +40,13 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
 
     Args:
         checkpoint: Export folder (exports/final), .ckpt, learned_embeds.safetensors, AUTOMATIC1111 .pt/.safetensors,
-            kohya embedding, pytorch_lora_weights.safetensors or Custom Diffusion weights; several for several
-            concepts.
+            kohya embedding, LoRA file (diffusers, peft or kohya keys) or Custom Diffusion weights; several for
+            several concepts.
         prompt: Prompts holding the keyword ("a photo of <v> wearing glasses") or templates with {} for it.
         prompts_file: A CSV with a 'prompt' column ({} marks the keyword) or a text file, one prompt per line.
         out: Output folder.
         rho: Rotation factors in [0, 1] (how far the keyword turns towards its concept word); several sweep.
+            Default: the authors' for the checkpoint's method, 0.1 for DreamBooth LoRA and 0.2 otherwise.
         alpha: Norm factors in [0, 1] (0 keeps the learned norm, 1 takes the concept word's).
         compare: Also generate the baseline (no TEA) from the same seeds.
         num_images: Images per prompt.
@@ -55,10 +57,14 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
         resolution: Image size in pixels (multiple of 8); default: the model's.
-        mode: auto: token level when a token row was learned (TI, Custom Diffusion), else prompt level (DreamBooth).
+        mode: auto: each keyword at its own level, token when it holds learned rows (TI, Custom Diffusion), else
+            prompt (DreamBooth LoRA); token or prompt: every keyword at that level.
         align: Prompt level: span pairs every token with its true counterpart; position pairs position i with i
             (the authors' code).
         target_encoder: Prompt level: encode the target prompt with the adapted (fine-tuned) or base text encoder.
+        target: Prompt level: word puts the concept word in the keyword's place in the target prompt ("<new1> cat"
+            → "cat"); modifier replaces only the learned tokens ("<new1> cat" → "cat cat"). The authors applied TEA
+            to Custom Diffusion with --mode prompt --target modifier --align position.
         concept: KEYWORD=WORD, one per concept ("<man>=man", "sks dog=dog"): names a keyword a file does not record
             and the concept word TEA pulls it towards.
         concept_word: The concept word of the only keyword, when the checkpoint does not record it ("man").
@@ -76,7 +82,8 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
     records = generate(checkpoint, prompts, out, rhos=rho, alphas=alpha, compare=compare,
                        num_images=num_images, seed=seed, batch_size=batch_size, pretrained=pretrained,
                        scheduler=scheduler, steps=steps, guidance=guidance, resolution=resolution, mode=mode,
-                       align=align, target_encoder=target_encoder, concepts=concept, negative_prompt=negative_prompt,
+                       align=align, target_encoder=target_encoder, target=target, concepts=concept,
+                       negative_prompt=negative_prompt,
                        device=device, concept_word=concept_word, concept_reduce=concept_reduce, dtype=dtype)
     tags = sorted({r.tag for r in records})
     print(f"{len(records)} images in {out}/ ({', '.join(tags)}); grid: {out}/grid.png")

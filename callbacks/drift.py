@@ -28,6 +28,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from tea_lightning import drift
+from tea_lightning.adapters import adapters_disabled
 from tea_lightning.drift_measure import (
     BLUE,
     GREY,
@@ -217,13 +218,17 @@ class ContextualDrift(_EveryNSteps):
     """Log the contextual set distances (the paper's Figure 2) every `every_n_steps` steps (and at step 0).
 
     P is the contextual set (about 200 sentences with a `{}` slot), S the simple set ("a photo of a {}").
-    Scalars, each for `l2`, `hausdorff`, `mahalanobis` and `kl`: `drift_sets/inter_<m>` = d(P(V*), P(c)) (grows as
-    V* drifts), `drift_sets/intra_<m>` = d(P(V*), P(V*)) (shrinks as V* dominates; no KL, which is 0 for a set
-    against itself), `drift_sets/simple_<m>` = d(P(V*), S(V*)) (shrinks as complex prompts collapse onto simple
-    ones). See `drift.contextual_distances`. P(c) is encoded once when the text encoder is frozen (Textual
-    Inversion, Custom Diffusion) and again at every measurement when it trains (DreamBooth with text-encoder LoRA).
-    For a method that learns neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift
-    is zero by construction: that is logged once and nothing is encoded.
+    Scalars: `drift_sets/inter_<m>` = d(P(V*), P(c)) for `l2`, `hausdorff`, `mahalanobis`, `kl` (grows as V*
+    drifts); `drift_sets/intra_<m>` = d(P(V*), P(V*)) for `l2`, `hausdorff` and `spread` (shrinks as V* makes the
+    sentences alike); `drift_sets/simple_<m>` = d(P(V*), S(V*)) for the four (shrinks as complex prompts collapse
+    onto simple ones). See `drift.contextual_distances`. P(c) is encoded once when the text encoder is frozen
+    (Textual Inversion, Custom Diffusion) and again at every measurement when it trains (DreamBooth with
+    text-encoder LoRA). For such a method the authors' own drift is logged too, the same "sks dog" sentences
+    encoded by the trained encoder and by the base encoder (adapters off): `drift_sets/base_paired_l2` (mean
+    distance sentence by sentence, starts at 0) and `drift_sets/base_cosine` (starts at 1), the authors' two
+    DreamBooth curves, and `drift_sets/base_<m>` for the four set distances (Hausdorff and KL start at 0). For a
+    method that learns neither token vectors nor text-encoder weights (UNet-only LoRA) the text-space drift is zero
+    by construction: that is logged once and nothing is encoded.
 
     Args:
         every_n_steps: Steps between measurements. Each encodes P(V*) and S(V*) (about 400 sentences); at 100 that
@@ -235,10 +240,16 @@ class ContextualDrift(_EveryNSteps):
             choice), `eos` (first end-of-text position), `mean` (over the real tokens) or `flatten` (all positions).
         batch_size: Sentences per text-encoder call.
         temperature: KL temperature tau.
+        shrinkage: lambda of the Mahalanobis covariance, (1 - lambda)·Sigma + lambda·(trace/d)·I. The default
+            0.1 sees every direction and does not swing with the precision (docs/drift_metrics.md has the
+            measurements); 0 is the authors' pseudo-inverse.
+        reproduce_authors: Compute as the authors' code did: P(c) scored against P(V*) in inter_mahalanobis and
+            inter_kl (default: P(V*) against P(c)), simple_kl cut after the softmax (default: before).
     """
 
     def __init__(self, every_n_steps: int = 100, prompt_set: str | None = None, simple_set: str = "simple",
-                 hidden_state: str = "last", batch_size: int = 128, temperature: float = 1.0) -> None:
+                 hidden_state: str = "last", batch_size: int = 128, temperature: float = 1.0,
+                 shrinkage: float = drift.DEFAULT_SHRINKAGE, reproduce_authors: bool = False) -> None:
         super().__init__(every_n_steps)
         if hidden_state not in drift.HIDDEN_STATES:
             raise ValueError(f"ContextualDrift(hidden_state={hidden_state!r}) does not exist; choose one of "
@@ -247,13 +258,16 @@ class ContextualDrift(_EveryNSteps):
             raise ValueError(f"ContextualDrift(batch_size={batch_size!r}): use 1 or more sentences per call")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
             raise ValueError(f"ContextualDrift(temperature={temperature!r}): use a positive number (default 1.0)")
+        drift.check_shrinkage(shrinkage, "ContextualDrift(shrinkage=...)")
         self.hidden_state, self.batch_size, self.temperature = hidden_state, batch_size, float(temperature)
+        self.shrinkage, self.reproduce_authors = float(shrinkage), bool(reproduce_authors)
         self.prompt_templates = None if prompt_set is None else load_prompt_set(prompt_set, "prompt_set")
         self.simple_templates = load_prompt_set(simple_set, "simple_set")
         self._applies = True
         self._ids: dict[str, tuple[list[str], Tensor]] = {}  # set name → (filled prompts, token ids), per keyword
         self._ids_keyword: str | None = None
         self._p_concept: Tensor | None = None  # P(c), reused while the text encoder is frozen
+        self._p_base: Tensor | None = None  # P(V*) under the base encoder (adapters off), which never changes
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -282,7 +296,15 @@ class ContextualDrift(_EveryNSteps):
             if self._p_concept is None or module.trains_text_encoder:
                 self._p_concept = encode(*sets["p_concept"])
             p_keyword, s_keyword = encode(*sets["p_keyword"]), encode(*sets["s_keyword"])
-        values = drift.contextual_distances(p_keyword, self._p_concept, s_keyword, self.temperature)
+            if module.trains_text_encoder and self._p_base is None:
+                with adapters_disabled(module.text_encoder):
+                    self._p_base = encode(*sets["p_keyword"])
+        values = drift.contextual_distances(p_keyword, self._p_concept, s_keyword, self.temperature, self.shrinkage,
+                                            self.reproduce_authors)
+        if module.trains_text_encoder:  # the authors' DreamBooth drift: the same sentences, base vs trained encoder
+            base = {**drift.paired_drift(p_keyword, self._p_base),
+                    **drift.pair_distances(p_keyword, self._p_base, self.temperature, self.shrinkage)}
+            values.update({f"base_{name}": value for name, value in base.items()})
         return {SETS_PREFIX + key: value for key, value in values.items()}
 
     def measure(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -306,5 +328,5 @@ class ContextualDrift(_EveryNSteps):
             for name, (templates, word) in fills.items():
                 prompts = [fill(t, word) for t in templates]
                 self._ids[name] = (prompts, module.tokenize(prompts))
-            self._ids_keyword, self._p_concept = module.keyword, None
+            self._ids_keyword, self._p_concept, self._p_base = module.keyword, None, None
         return self._ids

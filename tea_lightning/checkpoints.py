@@ -12,7 +12,8 @@ rows), so without TEA the pipeline behaves exactly as stock diffusers would with
 from __future__ import annotations
 
 import importlib
-import pickle
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,9 +24,17 @@ from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from tea_lightning.adapters import install_custom_diffusion, install_lora
+from tea_lightning.adapters import custom_diffusion_tensors, install_custom_diffusion, install_lora
 from tea_lightning.components import DEFAULT_MODEL, load_pipeline
-from tea_lightning.export import CUSTOM_DIFFUSION_WEIGHTS, DIFFUSERS_TI, LORA_WEIGHTS, TEA_JSON, read_tea_json
+from tea_lightning.export import (
+    CUSTOM_DIFFUSION_WEIGHTS,
+    CUSTOM_DIFFUSION_WEIGHTS_BIN,
+    DIFFUSERS_TI,
+    LORA_WEIGHTS,
+    TEA_JSON,
+    load_pickle,
+    read_tea_json,
+)
 from tea_lightning.tokens import LearnedTokens, add_new_tokens, concept_row, placeholder_tokens
 
 ACCEPTED = """Accepted checkpoints:
@@ -33,10 +42,12 @@ ACCEPTED = """Accepted checkpoints:
     learned_embeds.safetensors, pytorch_lora_weights.safetensors or pytorch_custom_diffusion_weights.safetensors
   - a tea-lightning Lightning checkpoint (.ckpt)
   - a diffusers Textual Inversion file (.safetensors/.bin holding {token: [n, D]})
-  - an AUTOMATIC1111 embedding (.pt with string_to_param, .safetensors with emb_params; kohya's emb_params too)
+  - an AUTOMATIC1111 embedding (.pt with string_to_param, .safetensors with emb_params; kohya's and ai-toolkit's too)
   - a Custom Diffusion token file (<token>.safetensors/.bin holding {token: [D]})
-  - a DreamBooth LoRA file (pytorch_lora_weights.safetensors; diffusers or kohya keys)
-  - Custom Diffusion weights (pytorch_custom_diffusion_weights.safetensors/.bin)"""
+  - a LoRA file: pytorch_lora_weights.safetensors (diffusers or peft keys; a stored lora_alpha is honoured), kohya
+    keys (lora_unet_/lora_te_ with .alpha), or a UNet adapter written by unet.save_lora_adapter
+  - Custom Diffusion weights (pytorch_custom_diffusion_weights.safetensors, or .bin as diffusers' script writes with
+    --no_safe_serialization)"""
 _PICKLES = (".pt", ".bin", ".pth")
 
 
@@ -45,16 +56,25 @@ class Concept:
     """A keyword as written in prompts ("<v>", "sks dog", "<new1> cat") and the word TEA pulls it towards ("man").
 
     `phrase` is what the tokenizer reads in the keyword's place: the keyword with each multi-vector token expanded
-    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself.
+    (`<v>` → `<v> <v>_1 <v>_2`, as diffusers names the extra rows); None means the keyword itself. `learned` says
+    that the keyword holds learned token rows (Textual Inversion, Custom Diffusion), which TEA adjusts at token
+    level; a keyword without (a LoRA's "sks dog") is adjusted at prompt level. `target` is what stands in the
+    keyword's place in the prompt-level target prompt; None means the concept word.
     """
 
     keyword: str
     concept_word: str | None = None
     phrase: str | None = None
+    learned: bool = False
+    target: str | None = None
 
     @property
     def text(self) -> str:
         return self.phrase or self.keyword
+
+    @property
+    def target_text(self) -> str:
+        return self.target or self.concept_word
 
 
 @dataclass
@@ -75,7 +95,7 @@ class Source:
     base_model: str | None = None
     concepts: list[Concept] = field(default_factory=list)
     embeddings: dict[str, Tensor] = field(default_factory=dict)  # token -> [k, D]
-    lora: dict[str, Tensor] | None = None
+    lora: str | None = None  # the LoRA file, installed by diffusers' own loader (which reads its metadata)
     custom_diffusion: dict[str, Tensor] | None = None
     module: Any = None  # a DiffusionModule rebuilt from a .ckpt that is not plain Textual Inversion
 
@@ -89,6 +109,34 @@ class Personalized:
     rows: list[LearnedRows]
     checkpoint: str
     base_model: str
+
+
+DEFAULT_RHO = 0.2  # the authors' rotation factor for Textual Inversion and Custom Diffusion
+DREAMBOOTH_RHO = 0.1  # and for DreamBooth (their run scripts, method.md §2)
+
+
+def modifier_targets(concepts: Sequence[Concept], learned: Sequence[str]) -> list[Concept]:
+    """Each concept with the prompt-level target the authors used for Custom Diffusion: only the learned tokens of
+    the keyword replaced by the concept word ("<new1> cat" → "cat cat"), so the target prompt has the prompt's
+    length and position i pairs with position i."""
+    result = []
+    for concept in concepts:
+        target = concept.keyword
+        for token in learned:  # whole words; a token may hold a space (AUTOMATIC1111's "pink star")
+            target = _token_pattern(token).sub(lambda _, word=concept.concept_word: word, target)
+        if target == concept.keyword:
+            raise ValueError(f"target='modifier' replaces the learned tokens of a keyword, and {concept.keyword!r} "
+                             "holds none (a DreamBooth identifier is not learned); use target='word'.")
+        result.append(replace(concept, target=target))
+    return result
+
+
+def default_rho(source: Source) -> float:
+    """The rotation factor the authors used for the method that wrote `source`: 0.1 for DreamBooth (a LoRA and no
+    learned token row), 0.2 otherwise."""
+    if source.module is not None:
+        return DREAMBOOTH_RHO if getattr(source.module, "method", None) == "dreambooth_lora" else DEFAULT_RHO
+    return DREAMBOOTH_RHO if source.lora is not None and not source.embeddings else DEFAULT_RHO
 
 
 # ----------------------------------------------------------------------------------------------- reading files
@@ -114,21 +162,25 @@ def _load_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         except (SafetensorError, OSError) as error:
             raise ValueError(f"checkpoint={str(path)!r} is not a readable safetensors file ({error}).") from error
     if path.suffix in _PICKLES:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"checkpoint={str(path)!r} holds Python objects beyond tensors, and pickle files are only loaded with "
-                "torch.load(weights_only=True) because a full unpickle can run arbitrary code. Convert it to "
-                f".safetensors where it was made, or use a file you trust in another format. ({error})") from error
-        except (RuntimeError, EOFError) as error:
-            raise ValueError(f"checkpoint={str(path)!r} is not a readable PyTorch file ({error}). "
-                             f"{ACCEPTED}") from error
+        data = load_pickle(path)
         if not isinstance(data, dict):
             raise ValueError(f"checkpoint={str(path)!r} holds a {type(data).__name__}, not a dict of tensors. "
                              f"{ACCEPTED}")
         return data, {}
     raise ValueError(f"checkpoint={str(path)!r} has the unknown suffix {path.suffix!r}. {ACCEPTED}")
+
+
+def _metadata_name(metadata: dict[str, str]) -> str | None:
+    """The token name an embedding's safetensors metadata records. ai-toolkit JSON-encodes every value
+    (`"name": "\"pinkstar\""`), so a JSON string is unquoted."""
+    name = metadata.get("name")
+    if name and name.startswith('"'):
+        try:
+            decoded = json.loads(name)
+        except json.JSONDecodeError:
+            return name
+        return decoded if isinstance(decoded, str) else name
+    return name
 
 
 def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Source:
@@ -139,14 +191,15 @@ def _classify(path: Path, data: dict[str, Any], metadata: dict[str, str]) -> Sou
         tensor = params.get("*", next(iter(params.values()), None)) if isinstance(params, dict) else None
         name = data.get("name") if isinstance(data.get("name"), str) else path.stem
         return _embedding_source(where, "AUTOMATIC1111 embedding", {name: tensor})
-    if "emb_params" in data:  # AUTOMATIC1111 / kohya: {"emb_params": [n, D]}; the token is the file's name
-        name = metadata.get("name") or path.stem
+    if "emb_params" in data:  # AUTOMATIC1111 / kohya / ai-toolkit: {"emb_params": [n, D]}; named by file or metadata
+        name = _metadata_name(metadata) or path.stem
         return _embedding_source(where, "AUTOMATIC1111/kohya embedding", {name: data["emb_params"]})
     keys = list(data)
     if keys and any("_custom_diffusion" in k for k in keys):
-        return Source(where, "Custom Diffusion weights", custom_diffusion=_tensors(where, data))
+        return Source(where, "Custom Diffusion weights", custom_diffusion=custom_diffusion_tensors(data, where))
     if keys and all("lora" in k for k in keys):
-        return Source(where, "LoRA weights", lora=_tensors(where, data))
+        _tensors(where, data)
+        return Source(where, "LoRA weights", lora=where)
     if keys and all(isinstance(v, Tensor) and v.ndim in (1, 2) and "." not in k for k, v in data.items()):
         return _embedding_source(where, "diffusers Textual Inversion embedding", data)
     shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
@@ -177,7 +230,7 @@ def _read_folder(folder: Path) -> Source:
 
     ti = first(DIFFUSERS_TI, "learned_embeds.bin")
     lora = first(LORA_WEIGHTS, "pytorch_lora_weights.bin")
-    custom = first(CUSTOM_DIFFUSION_WEIGHTS, "pytorch_custom_diffusion_weights.bin")
+    custom = first(CUSTOM_DIFFUSION_WEIGHTS, CUSTOM_DIFFUSION_WEIGHTS_BIN)
     parts = [_classify(p, *_load_tensors(p)) for p in (ti, lora, custom) if p is not None]
     if ti is None:  # Custom Diffusion writes one `{token: [D]}` file per modifier token
         known = {p.name for p in (lora, custom) if p is not None}
@@ -206,11 +259,7 @@ def _read_folder(folder: Path) -> Source:
 
 
 def _read_lightning(path: Path, pretrained: str | None) -> Source:
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"checkpoint={str(path)!r} holds Python objects beyond tensors; .ckpt files are only "
-                         f"loaded with torch.load(weights_only=True). ({error})") from error
+    checkpoint = load_pickle(path)
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     state = checkpoint.get("state_dict") or {}
     if not hparams or not state:
@@ -306,8 +355,9 @@ def parse_concepts(concepts: Mapping[str, str] | Sequence[str] | None) -> dict[s
 def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
                      concepts: Mapping[str, str] | Sequence[str] | None = None) -> list[Concept]:
     """The checkpoint's concepts with the user's words applied: `concept_word` names the word of the only concept;
-    `concepts` ({keyword: word}) sets the word of a listed keyword or adds a keyword (DreamBooth LoRA files do not
-    say what their keyword is). Every concept must end up with a word."""
+    `concepts` ({keyword: word}) sets the word of a listed keyword, widens a file's token to a keyword holding it
+    ("<new1> cat" for the token "<new1>"), or adds a keyword (DreamBooth LoRA files do not say what their keyword
+    is). Every concept must end up with a word."""
     result = list(found)
     if concept_word is not None:
         if len(result) != 1:
@@ -317,10 +367,12 @@ def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
         result = [replace(result[0], concept_word=concept_word)]
     for keyword, word in parse_concepts(concepts).items():
         index = next((i for i, c in enumerate(result) if c.keyword == keyword), None)
+        if index is None:  # a keyword around a file's token ("<new1> cat" for "<new1>") takes the token's place
+            index = next((i for i, c in enumerate(result) if _token_pattern(c.keyword).search(keyword)), None)
         if index is None:
             result.append(Concept(keyword, word))
         else:
-            result[index] = replace(result[index], concept_word=word)
+            result[index] = replace(result[index], keyword=keyword, concept_word=word)
     if not result:
         raise ValueError("The checkpoint does not say which keyword it learned (a bare LoRA or Custom Diffusion "
                          "file). Name it and its concept word with --concept 'sks dog=dog'.")
@@ -331,9 +383,15 @@ def resolve_concepts(found: Sequence[Concept], concept_word: str | None = None,
     return result
 
 
-def _owner(concepts: Sequence[Concept], token: str) -> Concept:
+def _token_pattern(token: str) -> re.Pattern:
+    """A token as a whole word of a keyword; the token may hold spaces (AUTOMATIC1111's "pink star")."""
+    return re.compile(rf"(?<!\S){re.escape(token)}(?!\S)")
+
+
+def owner(concepts: Sequence[Concept], token: str) -> Concept:
+    """The concept whose keyword holds the learned `token` as a whole word."""
     for concept in concepts:
-        if token in concept.keyword.split():
+        if _token_pattern(token).search(concept.keyword):
             return concept
     raise ValueError(f"The learned token {token!r} appears in no keyword {[c.keyword for c in concepts]}; name its "
                      f"concept word with --concept '{token}=WORD'.")
@@ -372,19 +430,30 @@ def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = 
             for first_id, rows in rows_by_token.values():
                 table.weight[first_id:first_id + len(rows)] = rows.to(table.weight.dtype)
     if source.lora is not None:
-        install_lora(pipe, source.lora, source.path, base)
+        install_lora(pipe, source.lora, base)
     if source.custom_diffusion is not None:
         install_custom_diffusion(pipe.unet, source.custom_diffusion, source.path, base)
 
-    multi = {token: " ".join(placeholder_tokens(token, len(rows))) for token, rows in source.embeddings.items()
-             if len(rows) > 1}
-    concepts = [replace(c, phrase=" ".join(multi.get(w, w) for w in c.keyword.split()) if multi else None)
+    owners = {token: owner(concepts, token).keyword for token in rows_by_token}
+    concepts = [replace(c, phrase=_phrase(c.keyword, source.embeddings), learned=c.keyword in owners.values())
                 for c in concepts]
     learned = []
     for token, (first_id, rows) in rows_by_token.items():
-        target = concept_row(pipe.tokenizer, table.weight, _owner(concepts, token).concept_word, concept_reduce)
+        word = next(c.concept_word for c in concepts if c.keyword == owners[token])
+        target = concept_row(pipe.tokenizer, table.weight, word, concept_reduce)
         learned.append(LearnedRows(first_id, rows, target.expand_as(rows).clone()))
     return Personalized(pipe, list(concepts), learned, source.path, base)
+
+
+def _phrase(keyword: str, embeddings: dict[str, Tensor]) -> str | None:
+    """What the tokenizer reads for `keyword`: each multi-vector token expanded as diffusers names its rows
+    (`<v>` → `<v> <v>_1`); None when nothing expands."""
+    phrase = keyword
+    for token, rows in embeddings.items():
+        if len(rows) > 1:
+            expansion = " ".join(placeholder_tokens(token, len(rows)))
+            phrase = _token_pattern(token).sub(lambda _, text=expansion: text, phrase)
+    return None if phrase == keyword else phrase
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -409,6 +478,7 @@ def from_module(module, scheduler=None, concepts: Sequence[Concept] | None = Non
     except NotImplementedError:
         vectors = targets = None
     if vectors is not None:
+        concepts = [replace(c, learned=True) for c in concepts]
         if len(concepts) == 1 and concepts[0].concept_word != module.concept_word:
             table = module.text_encoder.get_input_embeddings().weight
             targets = concept_row(module.tokenizer, table, concepts[0].concept_word, concept_reduce).expand_as(vectors)

@@ -4,7 +4,8 @@
 The trained projections live in diffusers' own `CustomDiffusionAttnProcessor2_0` on every cross-attention, which
 also keeps the start token's key and value out of the gradient, as the authors did. The modifier tokens are
 `LearnedTokens` like Textual Inversion's vectors: one small fp32 parameter per token, initialised from its concept
-word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-word the reference script looks up.
+word's word-final token (`cat</w>`, the row a prompt uses), not from the sub-word the reference script looks up;
+`initializer_token: ktn` starts them from the rare token the authors' runs used instead.
 
 Exports are what diffusers' Custom Diffusion example writes: `pytorch_custom_diffusion_weights.safetensors` and one
 `<token>.safetensors` per modifier token. diffusers' own `unet.load_attn_procs` silently installs nothing for these
@@ -33,6 +34,9 @@ class CustomDiffusion(DiffusionModule):
         concept_word: One-token word of the concept's category ("cat"); prompts say "<new1> cat".
         modifier_token: The new token written before the concept word.
         train_q_out: Also train the cross-attention query and output projections (the authors' setting).
+        initializer_token: Start every modifier token from this word's row instead of its concept word's: the
+            authors' Custom Diffusion runs started from the rare token "ktn" (their script's default). Token-level
+            TEA still pulls towards the concept word; a start far from it leaves more to correct.
         concepts: Several concepts (filled from ``data.concepts`` by train.py); each brings its own modifier token.
         pretrained, seed, prior_loss_weight, gradient_checkpointing, regularizers, optimizer, lr_scheduler: see
             `DiffusionModule`.
@@ -41,7 +45,8 @@ class CustomDiffusion(DiffusionModule):
     method = "custom_diffusion"
 
     def __init__(self, concept_word: str | None = None, modifier_token: str = "<new1>", train_q_out: bool = False,
-                 concepts: list[TrainingConcept] | None = None, **kwargs) -> None:
+                 initializer_token: str | None = None, concepts: list[TrainingConcept] | None = None,
+                 **kwargs) -> None:
         pairs = self._token_pairs(concept_word, modifier_token, concepts)
         super().__init__(**kwargs)
         if concepts is not None:
@@ -50,13 +55,16 @@ class CustomDiffusion(DiffusionModule):
         self.concept_words = [word for _, word in pairs]
         self.concept_word = self.concept_words[0]
         concept_ids = [single_token_id(self.tokenizer, word) for word in self.concept_words]
+        start_ids = concept_ids if initializer_token is None else \
+            [single_token_id(self.tokenizer, initializer_token, "model.initializer_token")] * len(concept_ids)
         token_ids = add_new_tokens(self.tokenizer, self.modifier_tokens, what="model.modifier_token")
         self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         table = self.text_encoder.get_input_embeddings()
-        rows = table.weight[concept_ids].detach().float().clone()  # [k, D]
+        concept_rows = table.weight[concept_ids].detach().float().clone()  # [k, D]
+        rows = table.weight[start_ids].detach().float().clone()  # [k, D] where each modifier token starts
         with torch.no_grad():
             table.weight[token_ids] = rows.to(table.weight.dtype)
-        self.register_buffer("concept_vectors", rows.clone(), persistent=False)
+        self.register_buffer("concept_vectors", concept_rows, persistent=False)
         # One fp32 parameter per token, spliced into the embedding output by its own hook.
         self.modifiers = nn.ModuleList(LearnedTokens(row[None], first_id=token_id)
                                        for row, token_id in zip(rows, token_ids, strict=True))

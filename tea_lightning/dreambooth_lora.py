@@ -2,7 +2,9 @@
 identifier before the concept word ("a photo of sks dog"), usually with prior preservation.
 
 The adapters are peft LoRA layers; everything else stays frozen. The export is the file diffusers'
-`StableDiffusionPipeline.save_lora_weights` writes, so `pipe.load_lora_weights(folder)` loads it unchanged.
+`StableDiffusionPipeline.save_lora_weights` writes, with the standard text-encoder names, so
+`pipe.load_lora_weights(folder)` loads it unchanged on transformers 4 and 5; beside it the same adapters in kohya's
+layout (`lora_unet_…`/`lora_te_…` with `.alpha`) for AUTOMATIC1111 and ComfyUI.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 from tea_lightning import export
-from tea_lightning.adapters import diffusers_lora_layers
+from tea_lightning.adapters import diffusers_lora_layers, kohya_lora_layers, standard_text_encoder_names
 from tea_lightning.module import DiffusionModule
 from tea_lightning.seeding import sample_seed
 
@@ -49,9 +51,9 @@ class DreamBoothLoRA(DiffusionModule):
         super().__init__(**kwargs)
         self.concept_word, self.identifier = concept_word, identifier
         self.trains_text_encoder = train_text_encoder
-        self.lora_scale = (rank if lora_alpha is None else lora_alpha) / rank
-        config = dict(r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha, lora_dropout=dropout,
-                      init_lora_weights="gaussian")
+        self.lora_alpha = rank if lora_alpha is None else lora_alpha
+        self.lora_scale = self.lora_alpha / rank
+        config = dict(r=rank, lora_alpha=self.lora_alpha, lora_dropout=dropout, init_lora_weights="gaussian")
         # inject_adapter_in_model creates the LoRA tensors trainable and in fp32; the base weights stay frozen. Their
         # random start comes from the seed, so two modules built alike start alike (resume, DDP, comparisons).
         with torch.random.fork_rng(devices=[]):
@@ -76,11 +78,19 @@ class DreamBoothLoRA(DiffusionModule):
         from diffusers import StableDiffusionPipeline
 
         unet = diffusers_lora_layers(self.unet, self.lora_scale)
-        text_encoder = diffusers_lora_layers(self.text_encoder, self.lora_scale) if self.trains_text_encoder else None
+        text_encoder = (standard_text_encoder_names(diffusers_lora_layers(self.text_encoder, self.lora_scale))
+                        if self.trains_text_encoder else None)
         # The stock writer names the keys; our save function makes the write atomic and refuses NaN.
         StableDiffusionPipeline.save_lora_weights(
             folder, unet_lora_layers=unet, text_encoder_lora_layers=text_encoder, weight_name=export.LORA_WEIGHTS,
             save_function=lambda tensors, path: export.write_safetensors(tensors, Path(path), {"format": "pt"}))
+        kohya = kohya_lora_layers(get_peft_model_state_dict(self.unet), "lora_unet", self.lora_alpha)
+        if self.trains_text_encoder:
+            kohya |= kohya_lora_layers(standard_text_encoder_names(get_peft_model_state_dict(self.text_encoder)),
+                                       "lora_te", self.lora_alpha)
+        export.write_safetensors(kohya, folder / export.KOHYA_LORA, {
+            "ss_network_module": "networks.lora", "ss_network_dim": str(self.hparams.rank),
+            "ss_network_alpha": str(self.lora_alpha), "format": "pt"})
         export.write_tea_json(folder, method=self.method, base_model=self.pretrained, keyword=self.keyword,
                               concept_word=self.concept_word, step=step, identifier=self.identifier,
                               rank=self.hparams.rank, trains_text_encoder=self.trains_text_encoder)

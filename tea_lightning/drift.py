@@ -68,50 +68,79 @@ def intra_hausdorff(a: Tensor) -> Tensor:
     return dist.min(dim=1).values.max()
 
 
-def mahalanobis_distance(a: Tensor, b: Tensor, shrinkage: float = 0.0) -> Tensor:
-    """Mean over a in ``a`` of sqrt((a - mu_B)^T Sigma_B^+ (a - mu_B)).
+DEFAULT_SHRINKAGE = 0.1  # chosen from the measurements in docs/drift_metrics.md (bench/mahalanobis_shrinkage.py)
 
-    mu_B and Sigma_B are the mean and unbiased covariance (n - 1, like ``numpy.cov``) of ``b``; Sigma_B^+ is the
-    pseudo-inverse (cut-off d·eps relative to the largest eigenvalue, ``torch.linalg.pinv``'s default), taken from
-    the SVD of B's centred rows so that wide sets (flattened encodings) fit in memory. With fewer sentences than
-    dimensions Sigma_B is singular and the pseudo-inverse ignores every direction B does not span;
-    ``shrinkage`` = lambda > 0 instead uses (1 - lambda)·Sigma_B + lambda·(trace(Sigma_B)/d)·I, which is full
-    rank (and forms the d x d matrix: meant for pooled widths such as 768, not flattened ones).
+
+def check_shrinkage(shrinkage: float, what: str = "shrinkage") -> float:
+    """``shrinkage`` itself when it is a number in [0, 1], else a ValueError naming ``what``."""
+    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"{what} must be a float in [0, 1] (0 = the authors' plain pseudo-inverse, "
+                         f"{DEFAULT_SHRINKAGE} = the default), got {shrinkage!r}")
+    return float(shrinkage)
+
+
+def mahalanobis_distance(a: Tensor, b: Tensor, shrinkage: float = 0.0) -> Tensor:
+    """Mean over a in ``a`` of sqrt((a - mu_B)^T Sigma^-1 (a - mu_B)), Sigma from ``b``.
+
+    mu_B and Sigma_B are the mean and unbiased covariance (n - 1, like ``numpy.cov``) of ``b``.
+
+    - ``shrinkage`` = 0 (the paper's): Sigma^-1 is the pseudo-inverse of Sigma_B (cut-off d·eps relative to the
+      largest eigenvalue, ``torch.linalg.pinv``'s default). With fewer sentences than dimensions (200 against 768)
+      Sigma_B is singular: the distance ignores every direction B does not span (moving ``a`` along such a
+      direction changes nothing), and which small eigenvalues survive the cut-off depends on the precision, so the
+      same sets give very different numbers in fp32 and fp64.
+    - ``shrinkage`` = lambda in (0, 1]: Sigma = (1 - lambda)·Sigma_B + lambda·(trace(Sigma_B)/d)·I, full rank, so
+      every direction counts (off B's span it is scaled by the mean variance) and the cut-off no longer matters.
+
+    Computed from the SVD of B's centred rows, never forming the d x d matrix, so wide sets (flattened encodings,
+    77 x 768) fit in memory: centred = U S V^T gives Sigma_B's non-zero eigenvalues e = S^2 / (m - 1) along V's rows.
 
     Args:
         a: Set A, ``[n, d]``.
         b: Set B, ``[m, d]`` with m >= 2.
-        shrinkage: lambda in [0, 1]; 0 (default) is the plain pseudo-inverse.
+        shrinkage: lambda in [0, 1]; 0 is the plain pseudo-inverse.
 
     Returns:
         0-d float64 tensor.
     """
-    if isinstance(shrinkage, bool) or not isinstance(shrinkage, (int, float)) or not 0.0 <= shrinkage <= 1.0:
-        raise ValueError(f"shrinkage must be a float in [0, 1] (0 = plain pseudo-inverse), got {shrinkage!r}")
+    check_shrinkage(shrinkage)
     a, b = _check_pair(a, b, min_rows_b=2)
     m, d = b.shape
     mu = b.mean(dim=0)  # [d]
-    centred = b - mu  # [m, d]
     diff = a - mu  # [n, d]
+    _, s, vh = torch.linalg.svd(b - mu, full_matrices=False)  # s [r], vh [r, d]
+    eigenvalues = s.square() / (m - 1)  # [r]
     if shrinkage == 0:
-        # The same pseudo-inverse from the SVD of the centred rows, centred = U S V^T: Sigma_B = V S^2 V^T / (m - 1),
-        # so Sigma_B^+ = V S^-2 V^T (m - 1) over the eigenvalues pinv keeps (above d·eps times the largest). It
-        # never forms the d x d covariance: 200 flattened 77 x 768 encodings need 90 MB here, not 28 GB.
-        _, s, vh = torch.linalg.svd(centred, full_matrices=False)  # s [r], vh [r, d]
-        eigenvalues = s.square() / (m - 1)
         keep = eigenvalues > d * torch.finfo(eigenvalues.dtype).eps * eigenvalues.max()
         whitened = (diff @ vh[keep].T) / eigenvalues[keep].sqrt()  # [n, r']
-        # Non-negative by construction, unlike the quadratic form of the dense path.
         return whitened.square().sum(dim=1).sqrt().mean()
-    cov = centred.T @ centred / (m - 1)  # [d, d]
-    cov = (1 - shrinkage) * cov + shrinkage * (cov.trace() / d) * torch.eye(d, dtype=cov.dtype, device=cov.device)
-    precision = torch.linalg.pinv(cov, hermitian=True)  # [d, d]
-    # Rounding can push the form of a near-mean point slightly below 0; sqrt would return NaN.
-    quadratic = torch.einsum("nd,de,ne->n", diff, precision, diff).clamp_min(0)
-    return quadratic.sqrt().mean()
+    floor = shrinkage * eigenvalues.sum() / d  # lambda·trace(Sigma_B)/d: the shrunk variance of every direction
+    along = diff @ vh.T  # [n, r] coordinates in B's span
+    outside = diff - along @ vh  # [n, d] the part B does not span
+    squared = (along.square() / ((1 - shrinkage) * eigenvalues + floor)).sum(dim=1) \
+        + outside.square().sum(dim=1) / floor
+    return squared.sqrt().mean()
 
 
-def kl_divergence(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
+def spread(a: Tensor) -> Tensor:
+    """Dispersion of a set: the root mean squared distance of its rows to their mean, sqrt(mean_i |a_i - mu|^2).
+
+    It replaces the intra-set Mahalanobis distance, which is a constant: scored against its own mean and
+    pseudo-inverse covariance a set's mean squared distance is (n - 1)/n · rank(Sigma) whatever the data, so with
+    n <= d every row sits at (n - 1)/sqrt(n) (6.1664 for 40 sentences). The spread moves: it shrinks as the rows
+    become alike (V* dominating every sentence) and is 0 for identical rows.
+
+    Args:
+        a: Set A, ``[n, d]``.
+
+    Returns:
+        0-d float64 tensor.
+    """
+    a = _check_set(a, "a")
+    return (a - a.mean(dim=0)).square().sum(dim=1).mean().sqrt()
+
+
+def kl_divergence(a: Tensor, b: Tensor, temperature: float = 1.0, cut: str | None = None) -> Tensor:
     """KL(p || q) between the relational structures of two index-aligned sets.
 
     Rows are L2-normalised; each set's cosine-similarity matrix is divided by ``temperature`` and
@@ -119,24 +148,38 @@ def kl_divergence(a: Tensor, b: Tensor, temperature: float = 1.0) -> Tensor:
     exactly to 1). p comes from ``a``, q from ``b``; KL is summed per row and averaged over rows. Row i of
     ``a`` and row i of ``b`` must be the same sentence with different fillers.
 
+    Sets of different sizes (P against S) have no such pairing; ``cut`` says how to force one, and either way row i
+    of ``a`` meets row i of ``b`` although they are unrelated sentences:
+
+    - ``"before"``: both sets are cut to their first min(n, m) rows, then compared as above (proper distributions,
+      KL >= 0);
+    - ``"after"`` (the authors' code): each softmax runs over its whole set, then both matrices are cut to their
+      first min(n, m) rows and columns; the cut rows no longer sum to 1, so the value can be negative.
+
     Args:
         a: Set A, ``[n, d]``.
-        b: Set B, ``[n, d]``, index-aligned with ``a``.
+        b: Set B, ``[n, d]``, index-aligned with ``a`` (any number of rows with ``cut``).
         temperature: tau > 0.
+        cut: None (the sets must be the same size), ``"before"`` or ``"after"`` the softmax.
 
     Returns:
         0-d float64 tensor.
     """
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
         raise ValueError(f"temperature must be a positive finite float (default 1.0), got {temperature!r}")
+    if cut not in (None, "before", "after"):
+        raise ValueError(f"cut={cut!r}: use None (same-size sets), 'before' or 'after' (the authors') the softmax")
     a, b = _check_pair(a, b)
-    if a.shape[0] != b.shape[0]:
+    if a.shape[0] != b.shape[0] and cut is None:
         raise ValueError(
             f"kl_divergence compares index-aligned sets, so a and b need the same number of rows, got "
             f"{a.shape[0]} and {b.shape[0]}; fill the same sentences with both words"
         )
-    p = _similarity_softmax(a, temperature) + 1e-8  # [n, n]
-    q = _similarity_softmax(b, temperature) + 1e-8  # [n, n]
+    rows = min(a.shape[0], b.shape[0])
+    if cut == "before":
+        a, b = a[:rows], b[:rows]
+    p = _similarity_softmax(a, temperature)[:rows, :rows] + 1e-8  # [rows, rows]
+    q = _similarity_softmax(b, temperature)[:rows, :rows] + 1e-8  # [rows, rows]
     return (p * (p.log() - q.log())).sum(dim=1).mean()
 
 
@@ -259,43 +302,80 @@ def pool_hidden_states(hidden: Tensor, input_ids: Tensor, eos_token_id: int, hid
     return (hidden * real.unsqueeze(-1)).sum(dim=1) / real.sum(dim=1, keepdim=True)
 
 
-def contextual_distances(p_keyword: Tensor, p_concept: Tensor, s_keyword: Tensor,
-                         temperature: float = 1.0) -> dict[str, float]:
+def contextual_distances(p_keyword: Tensor, p_concept: Tensor, s_keyword: Tensor, temperature: float = 1.0,
+                         shrinkage: float = 0.0, reproduce_authors: bool = False) -> dict[str, float]:
     """The paper's Figure 2: how the contextual set P filled with V* relates to P filled with c and to S.
 
     Args:
         p_keyword: P(V*), ``[n, d]``: the contextual sentences with the keyword in the slot.
-        p_concept: P(c), ``[n, d]``: the same sentences, in the same order, with the concept word.
+        p_concept: P(c), ``[n, d]``: the same sentences, in the same order, with the concept word (for DreamBooth's
+            ``base_*`` keys: the same sentences with the keyword, encoded by the base text encoder).
         s_keyword: S(V*), ``[m, d]``: the simple prompts with the keyword.
         temperature: tau of :func:`kl_divergence`.
+        shrinkage: lambda of every :func:`mahalanobis_distance` (0: the paper's pseudo-inverse).
+        reproduce_authors: Compute as the authors' code did: P(c) scored against P(V*) in ``inter_mahalanobis``
+            and ``inter_kl`` (P(c)'s sentences under P(V*)'s covariance; KL(P(c) || P(V*))), and ``simple_kl`` cut
+            after the softmax. Default: P(V*) against P(c), the direction of every other distance here (L2 and
+            Hausdorff are symmetric), and ``simple_kl`` cut before the softmax.
 
     Returns:
         ``inter_*`` = d(P(V*), P(c)) for l2, hausdorff, mahalanobis, kl (grows as V* drifts); ``intra_*`` =
-        d(P(V*), P(V*)) for l2 (mean pairwise distance), hausdorff (:func:`intra_hausdorff`) and mahalanobis
-        (shrinks as V* makes the sentences alike; there is no intra KL: KL of a set to itself is 0 by definition);
-        ``simple_*`` = d(P(V*), S(V*)) for l2, hausdorff, mahalanobis, kl (shrinks as complex prompts collapse
-        onto simple ones). KL needs index-aligned rows; P and S hold different sentences, so ``simple_kl`` pairs
-        the first min(n, m) rows of each by position. It still falls to 0 as both sets collapse onto V* (every
-        similarity row turns uniform), which is the signal.
+        d(P(V*), P(V*)) for l2 (mean pairwise distance), hausdorff (:func:`intra_hausdorff`) and spread
+        (:func:`spread`; these shrink as V* makes the sentences alike; no intra Mahalanobis, which is a constant,
+        and no intra KL, which is 0 by definition); ``simple_*`` = d(P(V*), S(V*)) for l2, hausdorff, mahalanobis,
+        kl (shrink as complex prompts collapse onto simple ones). P and S hold different sentences, so
+        ``simple_kl`` pairs the first min(n, m) sentences of each by position (:func:`kl_divergence` with
+        ``cut``): the pairs are unrelated sentences, so its level means little; what carries the signal is its
+        fall towards 0 as both sets collapse onto V* (every similarity row turns uniform).
     """
     if p_keyword.shape != p_concept.shape:
         raise ValueError(f"P(V*) and P(c) must be the same sentences with different fillers, got shapes "
                          f"{tuple(p_keyword.shape)} and {tuple(p_concept.shape)}")
-    rows = min(p_keyword.shape[0], s_keyword.shape[0])
+    first, second = (p_concept, p_keyword) if reproduce_authors else (p_keyword, p_concept)
+    inter = pair_distances(first, second, temperature, shrinkage)  # L2 and Hausdorff are symmetric
     values = {
-        "inter_l2": l2_distance(p_keyword, p_concept),
-        "inter_hausdorff": hausdorff_distance(p_keyword, p_concept),
-        "inter_mahalanobis": mahalanobis_distance(p_keyword, p_concept),
-        "inter_kl": kl_divergence(p_keyword, p_concept, temperature),
+        **{f"inter_{name}": value for name, value in inter.items()},
         "intra_l2": l2_distance(p_keyword, p_keyword),
         "intra_hausdorff": intra_hausdorff(p_keyword),
-        "intra_mahalanobis": mahalanobis_distance(p_keyword, p_keyword),
+        "intra_spread": spread(p_keyword),
         "simple_l2": l2_distance(p_keyword, s_keyword),
         "simple_hausdorff": hausdorff_distance(p_keyword, s_keyword),
-        "simple_mahalanobis": mahalanobis_distance(p_keyword, s_keyword),
-        "simple_kl": kl_divergence(p_keyword[:rows], s_keyword[:rows], temperature),
+        "simple_mahalanobis": mahalanobis_distance(p_keyword, s_keyword, shrinkage),
+        "simple_kl": kl_divergence(p_keyword, s_keyword, temperature, cut="after" if reproduce_authors else "before"),
     }
-    return {name: value.item() for name, value in values.items()}
+    return {name: float(value) for name, value in values.items()}
+
+
+def paired_drift(a: Tensor, b: Tensor) -> dict[str, float]:
+    """Sentence-by-sentence drift of two encodings of the same sentences (the authors' DreamBooth curves):
+    ``paired_l2`` = mean_i |a_i - b_i| and ``cosine`` = mean_i cos(a_i, b_i). 0 and 1 for identical encodings.
+
+    Args:
+        a: ``[n, d]``.
+        b: ``[n, d]``, row i the same sentence as row i of ``a``.
+    """
+    a, b = _check_pair(a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired drift needs the same sentences twice, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return {"paired_l2": (a - b).norm(dim=1).mean().item(), "cosine": cosine(a, b).mean().item()}
+
+
+def pair_distances(a: Tensor, b: Tensor, temperature: float = 1.0, shrinkage: float = 0.0) -> dict[str, float]:
+    """``l2``, ``hausdorff``, ``mahalanobis`` (``a`` scored against ``b``) and ``kl`` (KL(a || b)) of two
+    index-aligned sets: the four inter-set distances of Figure 2.
+
+    Args:
+        a: ``[n, d]``.
+        b: ``[n, d]``, row i the same sentence as row i of ``a``.
+        temperature: tau of :func:`kl_divergence`.
+        shrinkage: lambda of :func:`mahalanobis_distance`.
+    """
+    return {"l2": l2_distance(a, b).item(), "hausdorff": hausdorff_distance(a, b).item(),
+            "mahalanobis": mahalanobis_distance(a, b, shrinkage).item(), "kl": kl_divergence(a, b, temperature).item()}
+
+
+SET_KEYS = ("inter_l2", "inter_hausdorff", "inter_mahalanobis", "inter_kl", "intra_l2", "intra_hausdorff",
+            "intra_spread", "simple_l2", "simple_hausdorff", "simple_mahalanobis", "simple_kl")
 
 
 def _as_f64(x: Tensor) -> Tensor:

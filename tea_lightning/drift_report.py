@@ -49,8 +49,7 @@ from tea_lightning.tokens import add_new_tokens, placeholder_tokens, single_toke
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
                   "norm_percentile"]
-SET_COLUMNS = ["inter_l2", "inter_hausdorff", "inter_mahalanobis", "inter_kl", "intra_l2", "intra_hausdorff",
-               "intra_mahalanobis", "simple_l2", "simple_hausdorff", "simple_mahalanobis", "simple_kl"]
+SET_COLUMNS = list(drift.SET_KEYS)
 COLUMNS = ["step"] + [VECTOR_PREFIX + c for c in VECTOR_COLUMNS] + [SETS_PREFIX + c for c in SET_COLUMNS]
 CSV_NAME, SETTINGS_NAME = "drift.csv", "drift.json"
 
@@ -157,7 +156,8 @@ def _write_rows(out: Path, rows: dict[int, dict[str, Any]]) -> None:
 
 
 def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "simple", hidden_state: str = "last",
-                 batch_size: int = 64, temperature: float = 1.0, device: str = "auto", out: str | None = None,
+                 batch_size: int = 64, temperature: float = 1.0, shrinkage: float = drift.DEFAULT_SHRINKAGE,
+                 reproduce_authors: bool = False, device: str = "auto", out: str | None = None,
                  plots: bool = True) -> Path:
     """Measure the drift of every step-stamped export of a run; write drift.csv and PNG plots.
 
@@ -169,6 +169,10 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
         hidden_state: Sentence vector: `last` (the paper's), `eos`, `mean` or `flatten` (see ContextualDrift).
         batch_size: Sentences per text-encoder call.
         temperature: KL temperature tau.
+        shrinkage: Mahalanobis covariance shrinkage lambda in [0, 1] (default 0.1, see docs/drift_metrics.md; 0 is
+            the authors' pseudo-inverse).
+        reproduce_authors: Score P(c) against P(V*) in inter_mahalanobis and inter_kl and cut simple_kl after the
+            softmax, as the authors' code did.
         device: `auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ...
         out: Output folder; default `<run>/drift`.
         plots: Also draw the PNG plots (needs matplotlib: `pip install tea-lightning[plots]`).
@@ -181,6 +185,7 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
                          f"{', '.join(drift.HIDDEN_STATES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use 1 or more sentences per text-encoder call")
+    drift.check_shrinkage(shrinkage)
     meta, exports = find_exports(Path(run))
     concept_word = meta["concept_word"]
     p_templates = contextual_templates(prompt_set, concept_word, "Pass --prompt_set")
@@ -194,7 +199,8 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
 
     settings = {"base_model": meta["base_model"], "keyword": meta["keyword"], "concept_word": concept_word,
                 "first_step": exports[0].step, "prompt_set": _digest(p_templates), "simple_set": _digest(s_templates),
-                "hidden_state": hidden_state, "temperature": float(temperature),
+                "hidden_state": hidden_state, "temperature": float(temperature), "shrinkage": float(shrinkage),
+                "reproduce_authors": bool(reproduce_authors),
                 "exports": {str(e.step): _fingerprint(e) for e in exports}}
     rows: dict[int, dict[str, Any]] = _read_rows(out_dir, settings)
     todo = [e for e in exports if e.step not in rows]
@@ -205,7 +211,8 @@ def drift_report(run: str, prompt_set: str | None = None, simple_set: str = "sim
 
     if todo:
         measure = _Measurer(meta, tokenizer, encoder, exports[0], p_templates, s_templates, hidden_state, batch_size,
-                            temperature, device)
+                            dict(temperature=temperature, shrinkage=shrinkage, reproduce_authors=reproduce_authors),
+                            device)
         for export in tqdm(todo, desc="drift", unit="export"):
             rows[export.step] = {"step": export.step, **measure(export)}
             _write_rows(out_dir, rows)  # after every step: an interrupted report resumes here
@@ -221,9 +228,9 @@ class _Measurer:
 
     def __init__(self, meta: dict[str, Any], tokenizer: Any, encoder: torch.nn.Module, first: Export,
                  p_templates: list[str], s_templates: list[str], hidden_state: str, batch_size: int,
-                 temperature: float, device: torch.device) -> None:
+                 options: dict[str, Any], device: torch.device) -> None:
         self.tokenizer, self.encoder = tokenizer, encoder.to(device).eval().requires_grad_(False)
-        self.hidden_state, self.batch_size, self.temperature = hidden_state, batch_size, temperature
+        self.hidden_state, self.batch_size, self.options = hidden_state, batch_size, options
         table = self.encoder.get_input_embeddings()
         self.vocab_norms = vocabulary_norms(tokenizer, self.encoder)
         concept_row = table.weight[single_token_id(tokenizer, meta["concept_word"], "tea.json concept_word")]
@@ -270,7 +277,7 @@ class _Measurer:
         values = {VECTOR_PREFIX + k: v for k, v in
                   embedding_drift(vectors, concept_rows, self.initial, self.vocab_norms).items()}
         distances = drift.contextual_distances(self._encode("p_keyword"), self.p_concept, self._encode("s_keyword"),
-                                               self.temperature)
+                                               **self.options)
         values.update({SETS_PREFIX + k: v for k, v in distances.items()})
         return values
 
@@ -329,8 +336,10 @@ def plot_all(csv_path: Path, out: Path, histogram: dict[str, Any]) -> list[Path]
                                            ("kl", "KL"))):
         left, right = axes[row]
         left.plot(steps, data[f"{SETS_PREFIX}inter_{metric}"], "o-", label="inter d(P(V*), P(c))")
-        if f"{SETS_PREFIX}intra_{metric}" in data:
-            left.plot(steps, data[f"{SETS_PREFIX}intra_{metric}"], "s--", label="intra d(P(V*), P(V*))")
+        intra = {"mahalanobis": "spread"}.get(metric, metric)  # the intra-set Mahalanobis is a constant
+        if f"{SETS_PREFIX}intra_{intra}" in data:
+            label = "intra spread of P(V*)" if intra == "spread" else "intra d(P(V*), P(V*))"
+            left.plot(steps, data[f"{SETS_PREFIX}intra_{intra}"], "s--", label=label)
         right.plot(steps, data[f"{SETS_PREFIX}simple_{metric}"], "o-", color="tab:green", label="d(P(V*), S(V*))")
         left.set_ylabel(title)
         for axis in (left, right):

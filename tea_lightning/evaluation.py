@@ -59,6 +59,9 @@ class Concept:
         prompt_class: Rows of the CSV's ``class`` column to use (default: rows whose class is the concept word).
         anchor_image: Score CLIP-I/DINO-I against this one image (a path, or a file name inside `references`)
             instead of the mean over all references (the authors' single-anchor mode).
+        training_seed: The seed this concept's checkpoint was trained with, when the same concept is evaluated
+            from several training runs (same name, one entry per seed): the summary averages over the seeds and
+            its intervals resample them. Default images folder then ``<out>/images/<name>/seed-<training_seed>``.
     """
 
     references: str
@@ -69,6 +72,7 @@ class Concept:
     prompts: str | None = None
     prompt_class: str | None = None
     anchor_image: str | None = None
+    training_seed: int | None = None
 
 
 @dataclass
@@ -132,7 +136,8 @@ def _plan(spec: Concept, default_prompts: str | None, out: Path) -> _Plan:
     if spec.images is None and spec.checkpoint is None:
         raise ValueError(f"concept {name!r} has neither images (a folder written by infer.py) nor a checkpoint to "
                          f"generate them from; pass one of the two")
-    images = Path(spec.images).expanduser() if spec.images is not None else out / "images" / name
+    default = out / "images" / name / ("" if spec.training_seed is None else f"seed-{spec.training_seed}")
+    images = Path(spec.images).expanduser() if spec.images is not None else default
     return _Plan(name, spec, images, csv_path, load_eval_csv(csv_path), references, label)
 
 
@@ -269,6 +274,10 @@ def evaluate(
     guidance: float = 7.0,
     resolution: int | None = None,
     generation_batch_size: int = 4,
+    mode: Literal["auto", "token", "prompt"] = "auto",
+    align: Literal["span", "position"] = "span",
+    target_encoder: Literal["adapted", "base"] = "adapted",
+    target: Literal["word", "modifier"] = "word",
 ) -> Path:
     """Score baseline and TEA images of one or more concepts and write scores.csv, summary.md and summary.csv.
 
@@ -287,9 +296,12 @@ def evaluate(
         prompt_class: Rows of the CSV's class column to use (default: the concept word's).
         anchor_image: Score image alignment against this one reference image instead of the mean over all.
         concepts: Several concepts (each with references, checkpoint/images, ...), aggregated as mean over concepts.
-        rhos: TEA rotation factors to evaluate (default [0.2]); several make a sweep table and plot.
+        rhos: TEA rotation factors to evaluate; several make a sweep table and plot. Default: the authors' for each
+            concept's method (0.1 for a DreamBooth LoRA checkpoint, 0.2 otherwise), or, for concepts given as
+            images only, the rotation factors of the TEA images found.
         alphas: TEA norm factors to evaluate (default [0.5]).
-        num_images: Images per prompt and setting.
+        num_images: Images per prompt and setting. The default 4 keeps a first evaluation short; the paper used
+            50 (pass 50 to reproduce its tables: 12.5 times the generation time).
         max_prompts: Use only the first this many prompts of each concept (quick checks).
         seed: Base seed of generation (each image's seed derives from it, the prompt and image index).
         clip_model: CLIP hub id or local folder.
@@ -304,14 +316,20 @@ def evaluate(
         guidance: Classifier-free guidance scale.
         resolution: Generated image size (default: the model's).
         generation_batch_size: Images per generation batch.
+        mode: TEA level of generation (see infer.py): auto (each keyword at its own level: token when it holds
+            learned rows, else prompt), token or prompt. The authors applied TEA to Custom Diffusion at prompt
+            level: mode prompt, target modifier, align position.
+        align: Prompt level: span (true counterparts) or position (the authors').
+        target_encoder: Prompt level: adapted (the authors') or base text encoder for the target prompt.
+        target: Prompt level: word (concept word in the keyword's place) or modifier (only learned tokens replaced,
+            the authors' Custom Diffusion).
 
     Returns:
         The path of summary.md.
     """
     out_dir = Path(out).expanduser()
-    rhos = [0.2] if rhos is None else list(rhos)
     alphas = [0.5] if alphas is None else list(alphas)
-    _check_settings(rhos, alphas, num_images, batch_size, max_prompts, dino_pooling)
+    _check_settings([0.2] if rhos is None else rhos, alphas, num_images, batch_size, max_prompts, dino_pooling)
     one = None if references is None else Concept(references, checkpoint=checkpoint, images=images,
                                                   concept_word=concept_word, prompt_class=prompt_class,
                                                   anchor_image=anchor_image)
@@ -321,14 +339,17 @@ def evaluate(
     if not specs:
         raise ValueError("nothing to evaluate: pass references (with checkpoint or images) or concepts")
     plans = [_plan(spec, prompts, out_dir) for spec in specs]
-    names = [p.name for p in plans]
+    names = [(p.name, p.spec.training_seed) for p in plans]
     if len(set(names)) != len(names):
-        raise ValueError(f"concept names {names} repeat; give each concept a distinct name")
+        raise ValueError(f"concepts (name, training_seed) {names} repeat; give each concept a distinct name, or "
+                         f"each run of the same concept its own training_seed")
+    rhos = _default_rhos(plans) if rhos is None else list(rhos)
     sources = scoring.clip_source(clip_model), scoring.dino_source(dino_model)
     tags = [BASELINE] + [tea_tag(r, a) for r in rhos for a in alphas]
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     generation = dict(pretrained=pretrained, scheduler=scheduler, steps=steps, guidance=guidance,
-                      resolution=resolution, batch_size=generation_batch_size, device=device)
+                      resolution=resolution, batch_size=generation_batch_size, device=device, mode=mode, align=align,
+                      target_encoder=target_encoder, target=target)
 
     for plan in plans:  # every input checked before anything is generated or scored
         plan.concept_word = _known_concept_word(plan, [meta for _, _, meta in read_image_folder(plan.images)])
@@ -349,19 +370,43 @@ def evaluate(
 
     scores_path = out_dir / "scores.csv"
     previous = {} if rescore or not scores_path.is_file() else {
-        (r["concept"], r["tag"], r["prompt_index"], r["image_index"]): r for r in read_scores(scores_path)}
+        (r["concept"], r.get("training_seed", ""), r["tag"], r["prompt_index"], r["image_index"]): r
+        for r in read_scores(scores_path)}
     scorer = _Scorer(sources, dino_pooling, torch_device, batch_size)
     rows: list[dict[str, str]] = []
     for position, (plan, found) in enumerate(work):
-        pending = {p.name for p, _ in work[position + 1:]}
+        pending = {(p.name, _seed_cell(p)) for p, _ in work[position + 1:]}
 
-        def save(pending: set[str] = pending) -> None:  # scored rows, plus stored rows of concepts still to come
-            stored = [r for r in previous.values() if r["concept"] in pending]
+        def save(pending: set[tuple[str, str]] = pending) -> None:  # scored rows + stored rows of concepts to come
+            stored = [r for r in previous.values() if (r["concept"], r.get("training_seed", "")) in pending]
             write_scores(scores_path, [r for r in rows if "clip_i" in r] + stored)
 
         scorer.score_concept(plan, found, tags, out_dir, previous, rows, save)
         save()
     return write_summary(scores_path, out_dir)
+
+
+def _seed_cell(plan: _Plan) -> str:
+    """The training seed as scores.csv writes it ('' when not given)."""
+    return format_cell(plan.spec.training_seed)
+
+
+def _default_rhos(plans: list[_Plan]) -> list[float]:
+    """The authors' rotation factor of each concept's method (from its checkpoint), or those of its TEA images."""
+    from tea_lightning import checkpoints  # lazily, like generation: scoring existing images needs no pipeline
+
+    found: set[float] = set()
+    for plan in plans:
+        folder = Path(plan.spec.checkpoint or "").expanduser()
+        if plan.spec.checkpoint is not None and (folder / "tea.json").is_file():  # an export says its method
+            dreambooth = read_tea_json(folder).get("method") == "dreambooth_lora"
+            found.add(checkpoints.DREAMBOOTH_RHO if dreambooth else checkpoints.DEFAULT_RHO)
+        elif plan.spec.checkpoint is not None:
+            found.add(checkpoints.default_rho(checkpoints.read(plan.spec.checkpoint)))
+        else:
+            found.update(float(meta["rho"]) for _, tag, meta in read_image_folder(plan.images)
+                         if tag != BASELINE and meta.get("rho") is not None)
+    return sorted(found) or [checkpoints.DEFAULT_RHO]
 
 
 def _require_complete(plan: _Plan, tags: list[str], num_images: int) -> dict:
@@ -411,7 +456,8 @@ class _Scorer:
                 for image in sorted(i for (t, p, i) in found if t == tag and p == index):
                     png, meta = found[(tag, index, image)]
                     row = self._row(plan, tag, index, prompt, png, meta, out)
-                    stored = previous.get((plan.name, tag, row["prompt_index"], row["image_index"]))
+                    stored = previous.get((plan.name, row["training_seed"], tag, row["prompt_index"],
+                                           row["image_index"]))
                     if stored is not None and all(stored.get(k) == row[k] for k in _REUSE_KEYS):
                         row.update({m: stored[m] for m in METRICS})
                     else:
@@ -445,7 +491,8 @@ class _Scorer:
         full, concept, context = scoring.segment_texts(prompt, plan.concept_word)
         tea = tag != BASELINE
         row = {
-            "concept": plan.name, "tag": tag, "mode": "tea" if tea else BASELINE,
+            "concept": plan.name, "training_seed": plan.spec.training_seed, "tag": tag,
+            "mode": "tea" if tea else BASELINE,
             "rho": meta.get("rho") if tea else None, "alpha": meta.get("alpha") if tea else None,
             "prompt_index": index, "image_index": meta["image_index"],
             "seed": meta["seed"], "image": os.path.relpath(png, out), "image_sha1": _sha1(png),

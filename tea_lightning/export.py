@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,12 @@ from safetensors.torch import save_file
 DIFFUSERS_TI = "learned_embeds.safetensors"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.safetensors"
+CUSTOM_DIFFUSION_WEIGHTS_BIN = "pytorch_custom_diffusion_weights.bin"  # diffusers' --no_safe_serialization
+# What AUTOMATIC1111, ComfyUI and kohya's scripts load as a LoRA (`lora_unet_…`/`lora_te_…` keys with `.alpha`).
+KOHYA_LORA = "lora_kohya.safetensors"
 TEA_JSON = "tea.json"
+# The keys of an AUTOMATIC1111/ComfyUI/kohya embedding, by number of text encoders: SD 1.x/2.x have one, SDXL two.
+WEBUI_EMBEDDING_KEYS = {1: ("emb_params",), 2: ("clip_l", "clip_g")}
 FORMAT_VERSION = 1
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read the process umask: temporary files are private, finished ones get the usual modes
@@ -54,6 +60,34 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
                                      "The run diverged; lower the learning rate or use bf16-mixed/32 precision.")
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     _atomic(Path(path), lambda tmp: save_file(clean, str(tmp), metadata=metadata))
+
+
+def webui_embedding(rows: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An AUTOMATIC1111/ComfyUI/kohya embedding file's tensors from one token's rows `[k, D_e]`, one per text
+    encoder in the model's order: `emb_params` for one encoder, `clip_l` and `clip_g` for SDXL's two."""
+    keys = WEBUI_EMBEDDING_KEYS.get(len(rows))
+    if keys is None:
+        raise ValueError(f"An embedding file holds the rows of 1 or 2 text encoders, not {len(rows)}.")
+    return dict(zip(keys, rows, strict=True))
+
+
+def load_pickle(path: str | Path) -> Any:
+    """A `.pt`/`.bin`/`.ckpt` file read with `torch.load(weights_only=True)`: tensors and plain containers only, since
+    a full unpickle can run arbitrary code. A file that needs more is refused in one line naming what it holds."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        held = found.group(1) if found else "Python objects beyond tensors"
+        fix = ("Convert it to safetensors with the tool that made it, or use a file in another format."
+               if not held.endswith("ParameterDict") else  # the original Textual Inversion code's embeddings
+               "It is an embedding of the original Textual Inversion code: if you trust it, save its vectors once "
+               "as an AUTOMATIC1111 .safetensors ({'emb_params': tensor [n, D]}) and use that.")
+        raise ValueError(f"{str(path)!r} holds {held}, and pickle files are only read as plain tensors "
+                         f"(torch.load with weights_only=True) because a full unpickle can run arbitrary code. "
+                         f"{fix}") from None
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(f"{str(path)!r} is not a readable PyTorch file ({str(error).splitlines()[0]}).") from None
 
 
 def write_png(image: Any, path: Path) -> None:

@@ -11,6 +11,8 @@ TEA changes only the text embeddings; the images come from the stock `StableDiff
   with the concept word in its place are both encoded, and each position of the first is adjusted towards its
   partner in the second (`align="span"`: every token with its true counterpart; `align="position"`: position i
   with position i, as the authors did). The negative prompt is never adjusted.
+- **mixed** (a LoRA and an embedding together, `mode="auto"`): each concept at its own level. The learned rows are
+  adjusted while both prompts are encoded, and the target prompt replaces only the keywords without learned rows.
 
 Each image's initial noise comes from its own generator seeded from (seed, prompt index, image index), so baseline
 and TEA images of the same index start from the same noise whatever the batch; and both are made in identically
@@ -45,7 +47,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tea_lightning import checkpoints
-from tea_lightning.checkpoints import Personalized
+from tea_lightning.adapters import adapters_disabled
+from tea_lightning.checkpoints import Concept, Personalized
 from tea_lightning.export import write_json, write_png
 from tea_lightning.prompting import Prompt, pairing, parse_prompt, token_spans
 from tea_lightning.seeding import sample_seed
@@ -67,7 +70,8 @@ GAP = 10  # pixels between the grid's rows and between its settings
 class ImageRecord:
     """One generated image and how it was made (its sidecar JSON holds every field but `path`).
 
-    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt") are None for baseline images.
+    `mode` is "baseline" or "tea"; `rho`, `alpha` and `level` ("token" | "prompt" | "mixed") are None for baseline
+    images.
     `prompt` is the prompt as given to the model (keyword filled in), `template` the same with `{}` in place of
     each keyword. With several concepts, `keyword` and `concept_word` list them joined by ", ".
     """
@@ -141,29 +145,12 @@ def adjusted_rows(model: Personalized, rho: float, alpha: float) -> Iterator[Non
             handle.remove()
 
 
-@contextmanager
-def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """While inside, `model`'s peft adapters (LoRA) are off: the base encoder. Trainability is restored after."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
-    flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-
 @torch.no_grad()
 def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: Setting, *, level: str = "token",
                       align: str = "span", target_encoder: str = "adapted",
                       concept_reduce: str = "error") -> Tensor:
-    """Text embeddings `[B, 77, D]` of `prompts` under `setting` (baseline or TEA at `level`)."""
+    """Text embeddings `[B, 77, D]` of `prompts` under `setting` (baseline or TEA at `level`: token, prompt or
+    mixed, see the module docstring)."""
     pipe = model.pipe
     texts = [p.model_text for p in prompts]
     if setting.rho is None:
@@ -171,9 +158,12 @@ def prompt_embeddings(model: Personalized, prompts: Sequence[Prompt], setting: S
     if level == "token":
         with adjusted_rows(model, setting.rho, setting.alpha):
             return encode(pipe, texts)
-    embeds = encode(pipe, texts)  # [B, 77, D]
-    with adapters_disabled(pipe.text_encoder) if target_encoder == "base" else nullcontext():
-        target = encode(pipe, [p.target_text for p in prompts]).float()  # [B, 77, D]
+    if level == "mixed":
+        prompts = [p.without_learned() for p in prompts]
+    with adjusted_rows(model, setting.rho, setting.alpha) if level == "mixed" else nullcontext():
+        embeds = encode(pipe, texts)  # [B, 77, D]
+        with adapters_disabled(pipe.text_encoder) if target_encoder == "base" else nullcontext():
+            target = encode(pipe, [p.target_text for p in prompts]).float()  # [B, 77, D]
     weights = torch.stack([pairing(pipe.tokenizer, p, align, concept_reduce) for p in prompts]).to(target.device)
     paired = weights @ target  # [B, 77, D]: each position's partner in the target prompt
     adjusted = adjust(embeds, paired, setting.rho, setting.alpha)
@@ -275,6 +265,20 @@ def table(cells: Sequence[Sequence[Sequence[Image.Image]]], rows: Sequence[str],
 # ------------------------------------------------------------------------------------------------ generate
 
 
+def tea_level(concepts: Sequence[Concept], mode: str, kind: str) -> str:
+    """The level TEA runs at: `mode` token or prompt for every concept, or for auto each concept's own (token when
+    its keyword holds learned rows, prompt otherwise): "token", "prompt" or "mixed" when both meet."""
+    if mode == "prompt":
+        return "prompt"
+    without = [c.keyword for c in concepts if not c.learned]
+    if mode == "token" and without:
+        raise ValueError(f"mode='token' needs learned token rows, and the keyword(s) {without} of the {kind} have "
+                         "none; use mode 'auto' (each keyword at its own level) or 'prompt'.")
+    if not without:
+        return "token"
+    return "prompt" if len(without) == len(concepts) else "mixed"
+
+
 def check_factors(name: str, values: Sequence[float]) -> list[float]:
     values = list(values)
     if not values:
@@ -315,10 +319,10 @@ def _resolve_device(device: str | None, dtype: str) -> tuple[torch.device, str]:
 
 
 def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[str], out: str | Path, *,
-             rhos: Sequence[float] = (0.2,), alphas: Sequence[float] = (0.5,), compare: bool = True,
+             rhos: Sequence[float] | None = None, alphas: Sequence[float] = (0.5,), compare: bool = True,
              num_images: int = 4, seed: int = 0, batch_size: int = 4, pretrained: str | None = None,
              scheduler: str = "dpm", steps: int = 50, guidance: float = 7.0, resolution: int | None = None,
-             mode: str = "auto", align: str = "span", target_encoder: str = "adapted",
+             mode: str = "auto", align: str = "span", target_encoder: str = "adapted", target: str = "word",
              concepts: Mapping[str, str] | Sequence[str] | None = None, negative_prompt: str | None = None,
              device: str | None = None, concept_word: str | None = None, concept_reduce: str = "error",
              dtype: str = "auto", progress: bool = True) -> list[ImageRecord]:
@@ -329,7 +333,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
             file (`tea_lightning.checkpoints.ACCEPTED`); several for several concepts.
         prompts: Templates with one `{}` for the keyword, or prompts that hold the keyword(s) literally.
         out: Output folder; an existing one is resumed only if it was made with the same settings.
-        rhos: Rotation factors in [0, 1]; every (rho, alpha) pair is generated (a sweep).
+        rhos: Rotation factors in [0, 1]; every (rho, alpha) pair is generated (a sweep). Default: the authors'
+            for the checkpoint's method, 0.1 for DreamBooth and 0.2 otherwise (`checkpoints.default_rho`).
         alphas: Norm factors in [0, 1].
         compare: Also generate the baseline (no TEA) from the same seeds.
         num_images: Images per prompt.
@@ -340,9 +345,13 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         steps: Denoising steps.
         guidance: Classifier-free guidance scale.
         resolution: Image size in pixels (multiple of 8); default: the model's.
-        mode: auto (token level when a token row was learned, else prompt level), token or prompt.
+        mode: auto (each keyword at its own level: token when it holds learned rows, else prompt), token or
+            prompt.
         align: Prompt level: span (true counterparts) or position (the authors' position-by-position pairing).
         target_encoder: Prompt level: adapted (the fine-tuned text encoder, as the authors) or base (adapters off).
+        target: Prompt level: what replaces the keyword in the target prompt. word: the concept word ("<new1> cat"
+            → "cat"); modifier: only the learned tokens ("<new1> cat" → "cat cat"), the authors' Custom Diffusion
+            (with mode="prompt", align="position").
         concepts: {keyword: concept word} (or "keyword=word" strings): names or overrides each concept.
         negative_prompt: Negative prompt (never adjusted); default: empty.
         device: cuda, cpu, ...; default: cuda when present.
@@ -355,7 +364,8 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
         One record per image of this call (finished ones from an earlier run included), settings-major.
     """
     # Everything a user can get wrong is checked before the model loads.
-    rhos, alphas = check_factors("rho", rhos), check_factors("alpha", alphas)
+    rhos = None if rhos is None else check_factors("rho", rhos)
+    alphas = check_factors("alpha", alphas)
     for name, value in (("num_images", num_images), ("batch_size", batch_size), ("steps", steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}; use a whole number of at least 1.")
@@ -365,6 +375,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     _check_choice("mode", mode, ["auto", "token", "prompt"])
     _check_choice("align", align, ["span", "position"])
     _check_choice("target_encoder", target_encoder, ["adapted", "base"])
+    _check_choice("target", target, ["word", "modifier"])
     _check_choice("concept_reduce", concept_reduce, ["error", "mean"])
     torch_device, dtype = _resolve_device(device, dtype)
     out = Path(out).expanduser()
@@ -377,13 +388,17 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     if not paths:
         raise ValueError("checkpoint is empty; give the path of an export folder or an embedding/LoRA file.")
     source = checkpoints.merge([checkpoints.read(p, pretrained) for p in paths])
+    rhos = [checkpoints.default_rho(source)] if rhos is None else rhos
     found = checkpoints.resolve_concepts(source.concepts, concept_word, concepts)
+    if target == "modifier":
+        found = checkpoints.modifier_targets(found, list(source.embeddings))
     parsed = [parse_prompt(p, found) for p in prompts]
     base = pretrained or source.base_model or checkpoints.DEFAULT_MODEL
     settings = {"checkpoint": source.path, "base_model": base, "prompts": [p.text for p in parsed],
                 "negative_prompt": negative_prompt or "", "seed": seed, "scheduler": scheduler, "steps": steps,
                 "guidance": float(guidance), "resolution": resolution, "mode": mode, "align": align,
                 "target_encoder": target_encoder, "concepts": [[c.keyword, c.concept_word] for c in found],
+                **({"target": target} if target != "word" else {}),
                 "concept_reduce": concept_reduce, "dtype": dtype}
     _check_out(out, settings)
 
@@ -392,13 +407,10 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     parsed = [parse_prompt(p, model.concepts) for p in prompts]  # with multi-vector phrases
     for prompt in parsed:
         token_spans(pipe.tokenizer, prompt)
-    level = ("token" if model.rows else "prompt") if mode == "auto" else mode
-    if level == "token" and not model.rows:
-        raise ValueError(f"mode='token' needs a learned token row, and {source.path} (a {source.kind}) has none; "
-                         "use mode 'prompt' (or 'auto').")
-    if level == "prompt":
+    level = tea_level(model.concepts, mode, source.kind)
+    if level != "token":
         for prompt in parsed:
-            pairing(pipe.tokenizer, prompt, align, concept_reduce)
+            pairing(pipe.tokenizer, prompt.without_learned() if level == "mixed" else prompt, align, concept_reduce)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     pipe.to(torch_device)
     if dtype != "fp32":
@@ -462,7 +474,7 @@ def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: fl
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     prompts = [parse_prompt(t, model.concepts) for t in templates]
-    level = "token" if model.rows else "prompt"
+    level = tea_level(model.concepts, "auto", type(module).__name__)
     for prompt in prompts:
         pairing(pipe.tokenizer, prompt) if level == "prompt" else token_spans(pipe.tokenizer, prompt)
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor

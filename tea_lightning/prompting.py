@@ -37,8 +37,14 @@ class Prompt:
 
     @property
     def target_text(self) -> str:
-        """The prompt with each keyword replaced by its concept word (the prompt-level target)."""
-        return "".join(p if isinstance(p, str) else p.concept_word for p in self.parts)
+        """The prompt with each keyword replaced by its concept word (the prompt-level target; `Concept.target`)."""
+        return "".join(p if isinstance(p, str) else p.target_text for p in self.parts)
+
+    def without_learned(self) -> Prompt:
+        """The prompt as prompt-level TEA sees it when concepts of both levels meet: each keyword with learned rows
+        becomes plain text (its rows are adjusted at token level), so only the other keywords are replaced in the
+        target prompt and paired with their concept words."""
+        return Prompt(tuple(p.text if isinstance(p, Concept) and p.learned else p for p in self.parts), self.template)
 
 
 def parse_prompt(raw: str, concepts: Sequence[Concept]) -> Prompt:
@@ -107,7 +113,7 @@ def token_spans(tokenizer, prompt: Prompt) -> list[tuple[int, int]]:
             n = len(_ids(tokenizer, part))
             spans.append((n, n))
         else:
-            spans.append((len(_ids(tokenizer, part.text)), len(_ids(tokenizer, part.concept_word))))
+            spans.append((len(_ids(tokenizer, part.text)), len(_ids(tokenizer, part.target_text))))
     limit = tokenizer.model_max_length - 2
     for which, text, total in (("prompt", prompt.model_text, sum(k for k, _ in spans)),
                                ("target prompt", prompt.target_text, sum(c for _, c in spans))):
@@ -142,8 +148,8 @@ def pairing(tokenizer, prompt: Prompt, align: str = "span", concept_reduce: str 
         elif concept_reduce == "mean":
             weights[p:p + k, t:t + c] = 1.0 / c
         else:
-            raise ValueError(f"The keyword {part.keyword!r} is {k} token(s) but its concept word "
-                             f"{part.concept_word!r} is {c}; pass --concept_reduce mean to pair it with the mean of "
+            raise ValueError(f"The keyword {part.keyword!r} is {k} token(s) but its target "
+                             f"{part.target_text!r} is {c}; pass --concept_reduce mean to pair it with the mean of "
                              "the word's tokens, or choose a one-token concept word.")
         p, t = p + k, t + c
     for j in range(length - p):  # end of text and padding

@@ -116,3 +116,20 @@ def assert_resume_matches_uninterrupted(root: Path, make_module, make_data, step
     assert list(resumed.trainable_state_dict()) == list(expected)
     for name, tensor in resumed.trainable_state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def kohya_module_names(pipe) -> dict[str, torch.nn.Module]:
+    """LoRA names as kohya's networks/lora.py makes them: every Linear or 1x1 Conv2d inside a module of class
+    Transformer2DModel (UNet) or CLIPAttention/CLIPMLP (text encoder, under `text_model.` as transformers 4 names
+    it), `lora_unet` / `lora_te` + "." + module path + "." + child path, every "." turned into "_"."""
+    names = {}
+    for prefix, model, classes in (("lora_unet", pipe.unet, {"Transformer2DModel"}),
+                                   ("lora_te", pipe.text_encoder, {"CLIPAttention", "CLIPMLP"})):
+        root = "text_model." if prefix == "lora_te" and not hasattr(model, "text_model") else ""
+        for name, module in model.named_modules():
+            if type(module).__name__ in classes:
+                for child, layer in module.named_modules():
+                    if isinstance(layer, torch.nn.Linear) or (isinstance(layer, torch.nn.Conv2d)
+                                                              and layer.kernel_size == (1, 1)):
+                        names[f"{prefix}.{root}{name}.{child}".replace(".", "_")] = layer
+    return names

@@ -61,6 +61,16 @@ def test_the_modifier_token_starts_at_the_word_final_row_of_its_concept_word():
     assert vectors.shape == concept.shape == (1, rows.shape[1])
 
 
+def test_the_authors_rare_token_initialiser_starts_the_modifier_there_and_tea_still_targets_the_concept_word():
+    module = cd_module(concept_word="star", initializer_token="toy")  # the authors used "ktn" in SD's vocabulary
+    rows = module.text_encoder.get_input_embeddings().weight
+    start = rows[module.tokenizer.convert_tokens_to_ids("toy</w>")].float()
+    torch.testing.assert_close(module.modifiers[0].vectors[0], start, rtol=0, atol=0)
+    vectors, concept = module.learned_vectors()
+    torch.testing.assert_close(concept[0], rows[module.tokenizer.convert_tokens_to_ids("star</w>")].float(),
+                               rtol=0, atol=0)
+
+
 def test_the_start_token_key_and_value_get_no_gradient():
     module = cd_module()
     name, attn = next(iter(cross_attentions(module.unet).items()))

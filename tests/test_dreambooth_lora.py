@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from helpers import (
     assert_resume_matches_uninterrupted,
     changed_tensors,
     frozen_state,
+    kohya_module_names,
     lora_module,
     make_trainer,
     star_data,
@@ -15,7 +16,7 @@ from helpers import (
 )
 from tea_lightning.adapters import check_lora_shapes
 from tea_lightning.callbacks import Export
-from tea_lightning.export import LORA_WEIGHTS, read_tea_json
+from tea_lightning.export import KOHYA_LORA, LORA_WEIGHTS, read_tea_json
 from tea_lightning.tiny import tiny_pipeline
 
 
@@ -42,6 +43,7 @@ def test_without_text_encoder_lora_only_the_unet_trains_and_the_export_has_no_te
     assert not module.trains_text_encoder
     module.export(tmp_path, step=0)
     assert all(k.startswith("unet.") for k in load_file(tmp_path / LORA_WEIGHTS))
+    assert all(k.startswith("lora_unet_") for k in load_file(tmp_path / KOHYA_LORA))
 
 
 def test_the_module_contract_says_keyword_concept_and_no_token_vectors(tmp_path):
@@ -69,14 +71,19 @@ def test_export_loads_with_stock_load_lora_weights_and_changes_generation(tmp_pa
     folder = tmp_path / "exports" / "final"
     keys = list(load_file(folder / LORA_WEIGHTS))
     assert any(k.startswith("unet.") and k.endswith(".lora.down.weight") for k in keys)
-    assert any(k.startswith("text_encoder.") and ".lora_linear_layer.up." in k for k in keys)
+    text_keys = [k for k in keys if k.startswith("text_encoder.")]
+    # The standard name: diffusers on transformers 4 fails on `text_encoder.encoder.layers…` (IndexError).
+    assert text_keys and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text_keys)
+    assert any(".lora_linear_layer.up." in k for k in text_keys)
 
-    base, tuned = tiny_pipeline(), tiny_pipeline()
+    base, tuned, kohya = tiny_pipeline(), tiny_pipeline(), tiny_pipeline()
     tuned.load_lora_weights(str(folder), weight_name=LORA_WEIGHTS)
+    kohya.load_lora_weights(str(folder), weight_name=KOHYA_LORA)  # through diffusers' own kohya conversion
     module.eval()
     ours = _text_and_unet_output(module.unet, module.text_encoder, module.tokenizer)
-    torch.testing.assert_close(_text_and_unet_output(tuned.unet, tuned.text_encoder, tuned.tokenizer), ours,
-                               rtol=1e-4, atol=1e-5)
+    for pipe in (tuned, kohya):
+        torch.testing.assert_close(_text_and_unet_output(pipe.unet, pipe.text_encoder, pipe.tokenizer), ours,
+                                   rtol=1e-4, atol=1e-5)
 
     def generate(pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -84,6 +91,22 @@ def test_export_loads_with_stock_load_lora_weights_and_changes_generation(tmp_pa
                     generator=torch.Generator().manual_seed(0)).images
 
     assert abs(generate(tuned) - generate(base)).max() > 1e-3, "the LoRA loaded but changed nothing"
+
+
+def test_the_kohya_export_uses_the_names_and_alpha_kohyas_lora_network_gives_these_layers(tmp_path):
+    module = lora_module(rank=2, lora_alpha=3)
+    module.export(tmp_path, step=0)
+    state = load_file(tmp_path / KOHYA_LORA)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in state}
+    kohya = kohya_module_names(tiny_pipeline())
+    assert names <= set(kohya), sorted(names - set(kohya))[:3]
+    trained = {n.split(".lora_")[0] for n in trainable_names(module)}  # one kohya module per LoRA layer
+    assert len(names) == len(trained)
+    for name in names:
+        layer = kohya[name]
+        assert state[f"{name}.lora_down.weight"].shape == (2, layer.in_features)
+        assert state[f"{name}.lora_up.weight"].shape == (layer.out_features, 2)
+        assert state[f"{name}.alpha"].ndim == 0 and float(state[f"{name}.alpha"]) == 3.0
 
 
 def test_resumed_run_ends_with_the_same_adapters_as_an_uninterrupted_one(tmp_path, class_dir):
@@ -115,10 +138,9 @@ def test_a_lora_file_for_another_model_is_refused_naming_the_key(tmp_path):
     state = load_file(tmp_path / LORA_WEIGHTS)
     key = sorted(k for k in state if k.startswith("unet.") and ".lora.down." in k)[0]
     state[key] = torch.zeros(state[key].shape[0], state[key].shape[1] + 8)
-    save_file(state, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        check_lora_shapes(tmp_path / "other.safetensors", tiny_pipeline())
-    check_lora_shapes(tmp_path / LORA_WEIGHTS, tiny_pipeline())  # the real export fits
+        check_lora_shapes(state, tiny_pipeline(), "other.safetensors")
+    check_lora_shapes(load_file(tmp_path / LORA_WEIGHTS), tiny_pipeline(), LORA_WEIGHTS)  # the real export fits
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

@@ -81,6 +81,51 @@ def test_shrinkage_makes_singular_covariance_see_directions_outside_b():
     assert np.isfinite(plain) and np.isfinite(shrunk) and shrunk != pytest.approx(plain)
 
 
+def _off_span(b: np.ndarray, seed: int = 3) -> np.ndarray:
+    """A unit direction orthogonal to every centred row of b (outside B's span)."""
+    centred = b - b.mean(axis=0)
+    v = np.random.default_rng(seed).normal(size=b.shape[1])
+    v -= np.linalg.lstsq(centred.T, v, rcond=None)[0] @ centred
+    return v / np.linalg.norm(v)
+
+
+def test_plain_mahalanobis_is_blind_off_the_span_of_b_and_shrinkage_sees_it():
+    a, b = _sets(20, 15, 60)  # 15 sentences in 60 dimensions: B spans 14
+    u = _off_span(b)
+    plain = [drift.mahalanobis_distance(torch.from_numpy(a + c * u), torch.from_numpy(b)).item() for c in (0, 10, 100)]
+    shrunk = [drift.mahalanobis_distance(torch.from_numpy(a + c * u), torch.from_numpy(b), 0.1).item()
+              for c in (0, 10, 100)]
+    assert plain == pytest.approx([plain[0]] * 3, rel=1e-6), "an offset outside B's span changed the plain distance"
+    assert shrunk[0] < shrunk[1] < shrunk[2], "shrinkage did not see an offset outside B's span"
+
+
+def test_shrunk_mahalanobis_agrees_in_fp32_and_fp64_and_the_plain_one_need_not():
+    # Nearly rank-deficient B (the eigenvalues spread over many decades, as real encodings do): the plain
+    # pseudo-inverse keeps a different set of eigenvalues in each precision; shrinkage makes that irrelevant.
+    rng = np.random.default_rng(4)
+    b = rng.normal(size=(30, 80)) * np.logspace(0, -9, 80)
+    a = rng.normal(size=(10, 80)) * 0.5
+    wide, narrow = torch.from_numpy, lambda x: torch.from_numpy(x).float()
+    shrunk = [drift.mahalanobis_distance(f(a), f(b), 0.1).item() for f in (wide, narrow)]
+    assert shrunk[0] == pytest.approx(shrunk[1], rel=1e-3)
+
+
+def test_spread_is_the_root_mean_squared_distance_to_the_centroid():
+    a = _f32(_sets(9, 9, 5)[0])
+    expected = np.sqrt(np.mean(np.sum((a - a.mean(axis=0)) ** 2, axis=1)))
+    assert drift.spread(_t(a)).item() == pytest.approx(expected, rel=1e-12)
+    assert drift.spread(torch.ones(4, 3)).item() == 0
+
+
+def test_intra_set_mahalanobis_is_the_constant_that_spread_replaces():
+    # Why there is no intra Mahalanobis: with n <= d every row of a set sits at (n - 1)/sqrt(n) from its own mean.
+    for scale in (0.01, 1.0, 100.0):
+        a = _t(_sets(40, 40, 768)[0] * scale)
+        assert drift.mahalanobis_distance(a, a).item() == pytest.approx(39 / np.sqrt(40), rel=1e-4)
+    spreads = [drift.spread(_t(_sets(40, 40, 768)[0] * scale)).item() for scale in (0.01, 1.0, 100.0)]
+    assert spreads[0] < spreads[1] < spreads[2]
+
+
 def _numpy_kl(a: np.ndarray, b: np.ndarray, temperature: float) -> float:
     def probabilities(x: np.ndarray) -> np.ndarray:
         unit = x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -99,6 +144,29 @@ def test_kl_divergence_matches_numpy(n, m, d, temperature):
     expected = _numpy_kl(a, b, temperature)
     assert expected > 0
     assert drift.kl_divergence(_t(a), _t(b), temperature=temperature).item() == pytest.approx(expected, rel=1e-10)
+
+
+def _numpy_kl_cut(a: np.ndarray, b: np.ndarray, cut: str) -> float:
+    def probabilities(x: np.ndarray) -> np.ndarray:
+        unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+        logits = unit @ unit.T
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    k = min(len(a), len(b))
+    if cut == "before":
+        p, q = probabilities(a[:k]), probabilities(b[:k])
+    else:  # the authors': softmax over each whole set, then the first k rows and columns
+        p, q = probabilities(a)[:k, :k], probabilities(b)[:k, :k]
+    p, q = p + 1e-8, q + 1e-8
+    return float(np.mean(np.sum(p * np.log(p / q), axis=1)))
+
+
+@pytest.mark.parametrize("cut", ["before", "after"])
+def test_kl_of_sets_of_different_sizes_cuts_as_documented(cut):
+    a, b = (_f32(x) for x in _sets(12, 7, 6))
+    expected = _numpy_kl_cut(a, b, cut)
+    assert drift.kl_divergence(_t(a), _t(b), cut=cut).item() == pytest.approx(expected, rel=1e-9)
 
 
 def test_l2_distance_of_a_set_to_itself_is_positive_unless_one_point():
@@ -126,6 +194,7 @@ def test_set_distances_return_0d_tensors():
         drift.intra_hausdorff(a),
         drift.mahalanobis_distance(a, b),
         drift.kl_divergence(a, b),
+        drift.spread(a),
     ]:
         assert isinstance(value, torch.Tensor) and value.ndim == 0
 
@@ -181,6 +250,7 @@ BAD_SET_CALLS = [
     pytest.param(lambda: drift.mahalanobis_distance(_A, torch.ones(1, 3)), "at least 2 row", id="cov one row"),
     pytest.param(lambda: drift.mahalanobis_distance(_A, _A, shrinkage=1.5), "got 1.5", id="shrinkage above 1"),
     pytest.param(lambda: drift.mahalanobis_distance(_A, _A, shrinkage=-0.1), "got -0.1", id="shrinkage below 0"),
+    pytest.param(lambda: drift.kl_divergence(_A, _A, cut="middle"), "'before' or 'after'", id="kl cut"),
     pytest.param(lambda: drift.kl_divergence(_A, _A, temperature=0.0), "got 0.0", id="zero temperature"),
     pytest.param(lambda: drift.kl_divergence(_A, _A, temperature=-1.0), "got -1.0", id="negative temperature"),
     pytest.param(lambda: drift.kl_divergence(_A, torch.ones(5, 3)), "4 and 5", id="kl unaligned rows"),
@@ -213,11 +283,25 @@ def test_contextual_distances_of_a_keyword_that_changes_nothing():
     values = drift.contextual_distances(p, p.clone(), s)
     assert set(values) == {f"{kind}_{metric}" for kind in ("inter", "simple")
                            for metric in ("l2", "hausdorff", "mahalanobis", "kl")} | {
-        "intra_l2", "intra_hausdorff", "intra_mahalanobis"}
+        "intra_l2", "intra_hausdorff", "intra_spread"} == set(drift.SET_KEYS)
     assert values["inter_hausdorff"] == 0 and values["inter_kl"] == 0
     assert values["inter_l2"] == pytest.approx(values["intra_l2"])  # both the mean over all pairs of P
-    # P and S differ in size: KL pairs the first min(n, m) sentences of each.
+    # P and S differ in size: KL pairs the first min(n, m) sentences of each, cut before the softmax.
     assert values["simple_kl"] == pytest.approx(drift.kl_divergence(p[:9], s).item())
+
+
+def test_reproducing_the_authors_scores_p_of_c_against_p_of_the_keyword_and_cuts_kl_after_the_softmax():
+    p, c = _t(_sets(12, 12, 16)[0]), _t(_sets(12, 12, 16, seed=2)[1])
+    s = _t(_sets(12, 9, 16)[1])
+    ours = drift.contextual_distances(p, c, s, shrinkage=0.2)
+    authors = drift.contextual_distances(p, c, s, shrinkage=0.2, reproduce_authors=True)
+    assert authors["inter_mahalanobis"] == pytest.approx(drift.mahalanobis_distance(c, p, 0.2).item())
+    assert authors["inter_kl"] == pytest.approx(drift.kl_divergence(c, p).item())
+    assert authors["simple_kl"] == pytest.approx(drift.kl_divergence(p, s, cut="after").item())
+    assert ours["inter_mahalanobis"] == pytest.approx(drift.mahalanobis_distance(p, c, 0.2).item())
+    assert authors["inter_mahalanobis"] != pytest.approx(ours["inter_mahalanobis"])
+    assert {k: v for k, v in authors.items() if k in ("inter_l2", "inter_hausdorff", "intra_spread")} == \
+        pytest.approx({k: v for k, v in ours.items() if k in ("inter_l2", "inter_hausdorff", "intra_spread")})
 
 
 def test_a_dominating_keyword_shrinks_intra_and_simple_distances():
@@ -227,5 +311,6 @@ def test_a_dominating_keyword_shrinks_intra_and_simple_distances():
     mild = drift.contextual_distances(context_p + 0.1 * keyword, context_p, context_s + 0.1 * keyword)
     dominated = drift.contextual_distances(0.2 * context_p + keyword, context_p, 0.2 * context_s + keyword)
     assert dominated["intra_l2"] < mild["intra_l2"] and dominated["intra_hausdorff"] < mild["intra_hausdorff"]
+    assert dominated["intra_spread"] < mild["intra_spread"]
     assert dominated["simple_l2"] < mild["simple_l2"] and dominated["simple_kl"] < mild["simple_kl"]
     assert dominated["inter_kl"] > mild["inter_kl"]

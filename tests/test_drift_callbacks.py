@@ -9,8 +9,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers import RecordingLogger, adamw, make_trainer, star_data, ti_module
+from helpers import RecordingLogger, adamw, lora_module, make_trainer, star_data, ti_module
 from tea_lightning import drift
+from tea_lightning.adapters import adapters_disabled
 from tea_lightning.callbacks import ContextualDrift, EmbeddingDrift
 from tea_lightning.module import DiffusionModule
 from tea_lightning.prompt_sets import contextual_set, fill, simple_set
@@ -19,7 +20,7 @@ from tea_lightning.textual_inversion import TextualInversion
 VECTOR_KEYS = {f"drift/{k}" for k in ("norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg",
                                       "cosine_initial", "norm_percentile")}
 SET_KEYS = {f"drift_sets/{k}" for k in ("inter_l2", "inter_hausdorff", "inter_mahalanobis", "inter_kl", "intra_l2",
-                                        "intra_hausdorff", "intra_mahalanobis", "simple_l2", "simple_hausdorff",
+                                        "intra_hausdorff", "intra_spread", "simple_l2", "simple_hausdorff",
                                         "simple_mahalanobis", "simple_kl")}
 
 
@@ -66,7 +67,7 @@ def _distances_from_scratch(module, templates: list[str]) -> dict[str, float]:
     s_keyword = encode([fill(t, module.keyword) for t in simple_set()])
     return {"inter_l2": drift.l2_distance(p_keyword, p_concept).item(),
             "intra_hausdorff": drift.intra_hausdorff(p_keyword).item(),
-            "simple_mahalanobis": drift.mahalanobis_distance(p_keyword, s_keyword).item(),
+            "simple_mahalanobis": drift.mahalanobis_distance(p_keyword, s_keyword, drift.DEFAULT_SHRINKAGE).item(),
             "inter_kl": drift.kl_divergence(p_keyword, p_concept).item()}
 
 
@@ -150,6 +151,29 @@ def test_prompt_level_drift_follows_a_training_text_encoder(tmp_path):
     expected = _distances_from_scratch(module, contextual_set("toy"))
     assert logged[4]["drift_sets/inter_l2"] == pytest.approx(expected["inter_l2"], rel=1e-4)
     assert logged[4]["drift_sets/inter_kl"] == pytest.approx(expected["inter_kl"], rel=1e-3, abs=1e-7)
+
+
+def test_dreambooth_drift_as_the_authors_defined_it_starts_at_zero_and_matches_base_vs_adapted_encoding(tmp_path):
+    module = lora_module(lr=5e-2)
+    recorder = RecordingLogger()
+    make_trainer(tmp_path, max_steps=4, callbacks=[ContextualDrift(every_n_steps=2, prompt_set="toy")],
+                 logger=recorder).fit(module, star_data())
+    logged = recorder.by_step()
+    base_keys = {f"drift_sets/base_{m}" for m in ("paired_l2", "cosine", "l2", "hausdorff", "mahalanobis", "kl")}
+    assert all(base_keys <= set(logged[step]) for step in (0, 2, 4)), "the authors' DreamBooth drift was not logged"
+    # The LoRA starts as the identity, so base and adapted encodings agree at step 0.
+    assert logged[0]["drift_sets/base_paired_l2"] == 0 and logged[0]["drift_sets/base_cosine"] == pytest.approx(1)
+    assert logged[0]["drift_sets/base_hausdorff"] == 0 and logged[0]["drift_sets/base_kl"] == 0
+    assert logged[4]["drift_sets/base_paired_l2"] > 0
+    templates = [fill(t, module.keyword) for t in contextual_set("toy")]
+    with torch.no_grad():
+        adapted = module.encode_prompts(templates)[:, -1]
+        with adapters_disabled(module.text_encoder):
+            base = module.encode_prompts(templates)[:, -1]
+    assert logged[4]["drift_sets/base_paired_l2"] == pytest.approx((adapted - base).norm(dim=1).mean().item(), rel=1e-4)
+    assert logged[4]["drift_sets/base_l2"] == pytest.approx(drift.l2_distance(adapted, base).item(), rel=1e-4)
+    assert logged[4]["drift_sets/base_kl"] == pytest.approx(drift.kl_divergence(adapted, base).item(), rel=1e-3,
+                                                            abs=1e-7)
 
 
 def test_unet_only_training_says_once_that_text_drift_is_zero_and_logs_none(tmp_path, caplog):

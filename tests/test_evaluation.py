@@ -266,7 +266,7 @@ def test_generation_fills_missing_images_and_a_second_run_reuses_them(tmp_path, 
                    dino_model=str(dino_dir), steps=2, resolution=64, device="cpu")
     evaluate(**options)
     out = tmp_path / "eval"
-    pngs = sorted((out / "images").rglob("p*-i*.png"))  # infer.py's grids (grid-p000.png) sit beside them
+    pngs = sorted((out / "images").rglob("p*-i*.png"))  # infer.py's grid (grid.png) sits beside them
     assert len(pngs) == 2 * 3, "two prompts × (baseline + two TEA settings) × one image"
     rows = read_csv(out / "scores.csv")
     assert len(rows) == 6 and all(r["text_concept"] == "a star" for r in rows)
@@ -289,8 +289,8 @@ def test_missing_images_are_requested_from_generate_with_the_agreed_contract(tmp
 
     def generate(checkpoint, prompts, out, *, rhos=(0.2,), alphas=(0.5,), compare=True, num_images=4, seed=0,
                  batch_size=4, pretrained=None, scheduler="dpm", steps=50, guidance=7.0, resolution=None,
-                 mode="auto", align="span", target_encoder="adapted", concepts=None, negative_prompt=None,
-                 device=None):
+                 mode="auto", align="span", target_encoder="adapted", target="word", concepts=None,
+                 negative_prompt=None, device=None):
         calls.append(dict(checkpoint=checkpoint, prompts=list(prompts), rhos=rhos, alphas=alphas, compare=compare,
                           num_images=num_images, steps=steps))
         write_generated(Path(out), prompts, [(None, None)] * compare + [(r, a) for r in rhos for a in alphas],
@@ -386,3 +386,29 @@ def test_a_csv_with_classes_scores_the_rows_of_the_chosen_class(tmp_path, clip_d
     scored = read_csv(tmp_path / "eval" / "scores.csv")
     assert sorted({(r["prompt_index"], r["text_full"]) for r in scored}) == [
         ("0", "star in snowy ice"), ("2", "star on a mountain")], "prompt indices are the CSV's rows"
+
+
+# ----------------------------------------------------------------------------------------------- across steps
+
+
+def test_step_metrics_evaluates_every_export_and_gathers_the_overall_scores_per_step(tmp_path, drift_run, clip_dir,
+                                                                                    dino_dir):
+    from tea_lightning.step_metrics import step_metrics
+
+    run_dir, _, _ = drift_run
+    csv_path = write_csv(tmp_path / "prompts.csv")
+    options = dict(prompts=str(csv_path), references=str(STAR_IMAGES), out=str(tmp_path / "steps"), num_images=1,
+                   max_prompts=1, clip_model=str(clip_dir), dino_model=str(dino_dir), steps=2, resolution=64)
+    path = step_metrics(str(run_dir), **options)
+    rows = read_csv(path)
+    assert [(r["step"], r["mode"]) for r in rows] == [(s, m) for s in ("0", "2", "4") for m in (BASELINE, "tea")]
+    for row in rows:  # each step's row is its own evaluation's overall mean
+        summary = read_csv(tmp_path / "steps" / f"step-{int(row['step']):06d}" / "summary.csv")
+        overall = next(r for r in summary if r["level"] == "overall" and r["tag"] == row["tag"])
+        assert row["clip_t_context"] == overall["clip_t_context"]
+    tea = [r for r in rows if r["mode"] == "tea"]
+    assert all(float(r["clip_i_low"]) <= float(r["clip_i_high"]) for r in tea), "TEA rows carry the gap interval"
+    assert (tmp_path / "steps" / "step_metrics.png").is_file()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "steps").rglob("*.png") if "images" in p.parts}
+    step_metrics(str(run_dir), **options)  # resumes: nothing is generated again
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "steps").rglob("*.png") if "images" in p.parts}

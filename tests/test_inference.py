@@ -191,6 +191,32 @@ def test_target_encoder_base_encodes_the_target_with_the_adapters_off(tmp_path):
     assert all(p.requires_grad for n, p in pipe.text_encoder.named_parameters() if "lora" in n), "trainability lost"
 
 
+def test_the_authors_custom_diffusion_target_replaces_only_the_modifier_and_pairs_position_by_position():
+    (concept,) = checkpoints.modifier_targets([Concept("<new1> star", "star")], ["<new1>"])
+    pipe = tiny_pipeline()
+    pipe.tokenizer.add_tokens(["<new1>"])
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    model = Personalized(pipe, [concept], [], "test", "tiny")
+    prompt = parse_prompt("{} on a boat in the sea", model.concepts)
+    assert prompt.target_text == "star star on a boat in the sea", "the class word stays, as in the authors' runs"
+    with torch.no_grad():
+        embeds = encode(pipe, [prompt.model_text])[0]
+        target = encode(pipe, [prompt.target_text])[0]
+        spans = [prompt_embeddings(model, [prompt], Setting(0.2, 0.5), level="prompt", align=a)[0]
+                 for a in ("span", "position")]
+    torch.testing.assert_close(spans[0], spans[1], atol=0, rtol=0)  # same length: both pairings are i with i
+    torch.testing.assert_close(spans[1], torch.stack([adjust(embeds[i], target[i], 0.2, 0.5) for i in range(77)]),
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="holds none"):
+        checkpoints.modifier_targets([Concept("sks star", "star")], [])
+
+
+def test_dreambooth_checkpoints_default_to_the_authors_rho_of_0_1_and_others_to_0_2(embeddings):
+    assert checkpoints.default_rho(checkpoints.read(embeddings["man"])) == 0.2
+    lora = checkpoints.Source("x.safetensors", "DreamBooth LoRA", lora={"k": torch.zeros(1)})
+    assert checkpoints.default_rho(lora) == 0.1
+
+
 def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embeddings):
     source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(embeddings["dog"])])
     concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "<d>=dog"])
@@ -241,3 +267,33 @@ def test_generation_uses_the_available_accelerator_in_half_precision_by_default(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert inference._resolve_device(None, "auto") == (torch.device("cpu"), "fp32")
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_a_lora_and_an_embedding_together_each_get_their_own_level(embeddings, tmp_path):
+    from helpers import lora_module
+    from tea_lightning.export import LORA_WEIGHTS
+
+    lora_module(rank=2).export(tmp_path, step=0)
+    source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(tmp_path / LORA_WEIGHTS)])
+    concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "sks circle=circle"])
+    model = checkpoints.build(source, concepts, pretrained="tiny")
+    assert [(c.keyword, c.learned) for c in model.concepts] == [("<m>", True), ("sks circle", False)]
+    prompt = parse_prompt("a photo of <m> next to sks circle", model.concepts)
+    tokenizer = model.pipe.tokenizer
+    before = 1 + len(tokenizer("a photo of <m> next to", add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="mixed")[0]
+        words = encode(model.pipe, ["a photo of man next to sks circle"])[0]
+        target = encode(model.pipe, ["a photo of man next to circle"])[0]
+    # token level: <m>'s row became man's, so the text up to the LoRA keyword reads "a photo of man next to"
+    torch.testing.assert_close(full[:before], words[:before], atol=1e-5, rtol=0)
+    # prompt level: both tokens of "sks circle" land on "circle", later tokens on their counterparts
+    torch.testing.assert_close(full[before:before + 2], target[before].expand(2, -1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(full[before + 2:], target[before + 1:76], atol=1e-4, rtol=0)
+
+    common = dict(concepts=["<m>=man", "sks circle=circle"], pretrained="tiny", num_images=1, **FAST)
+    paths = [embeddings["man"], tmp_path / LORA_WEIGHTS]
+    records = generate(paths, ["a photo of <m> next to sks circle"], tmp_path / "out", **common)
+    assert {r.level for r in records} == {None, "mixed"}
+    with pytest.raises(ValueError, match=r"mode='token' needs learned token rows.*\['sks circle'\]"):
+        generate(paths, ["a photo of <m> next to sks circle"], tmp_path / "token", mode="token", **common)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 
 import pytest
@@ -113,18 +114,28 @@ def test_celeba_eval_csv_holds_the_papers_17_action_prompts():
         assert row.concept == "a {}"
         assert row.prompt.startswith("A photo of a {} wearing glasses and ")
         assert row.prompt.endswith(row.context)
+        assert not row.context.startswith("wearing glasses"), "the authors' context segment is the action alone"
     assert rows[0].full_text("sks man") == "A photo of a sks man wearing glasses and handshaking with a man"
     assert rows[0].concept_text("man") == "a man"
 
 
-def test_customconcept101_eval_csv_rows_carry_a_known_class():
+def test_customconcept101_eval_csv_holds_the_authors_lists_for_the_papers_9_concepts():
     rows = load_eval_csv(PROMPTS / "eval_customconcept101.csv")
-    assert len(rows) == 16
-    assert {r.cls for r in rows} <= CC101_CLASSES
-    assert sum(r.cls == "chair" for r in rows) == 14
+    counts = {cls: sum(r.cls == cls for r in rows) for cls in CC101_CLASSES}
+    assert counts == {"barn": 13, "tortoise plushy": 14, "teddy bear": 14, "wooden pot": 13, "dog": 14, "cat": 14,
+                      "flower": 13, "table": 14, "chair": 14}, "a concept's prompt list is incomplete"
     for row in rows:
-        context_words = set(words(row.context)) - {"a"}
-        assert context_words <= set(words(row.prompt)), row
+        assert row.concept == "a {}"
+        assert row.context and "{" not in row.context
+
+
+def test_customconcept101_authors_prompts_are_ours_with_the_class_word_after_the_slot():
+    with (PROMPTS / "eval_customconcept101.csv").open(encoding="utf-8", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == 123
+    for record in records:
+        class_word = {"teddy bear": "teddybear"}.get(record["class"], record["class"])  # the authors' spelling
+        assert record["authors_prompt"].replace("{} " + class_word, "{}") == record["prompt"], record
 
 
 @pytest.mark.parametrize("name", ["eval_celeba.csv", "eval_customconcept101.csv"])
