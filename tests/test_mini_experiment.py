@@ -70,3 +70,16 @@ def test_an_image_counts_for_both_only_with_the_background_and_the_pink_star():
     assert score(star_on_black, "on a blue background") == {"context": 0, "concept": 1, "both": 0}
     white_star = Reading("black", frozenset({("white", "star")}), frozenset({"star"}), frozenset({"white"}))
     assert score(white_star, "on a black background") == {"context": 1, "concept": 0, "both": 0}
+
+
+def test_wall_time_adds_up_the_calls_that_built_a_report_and_restarts_with_a_fresh_one(tmp_path):
+    import json
+
+    from tea_lightning.mini.experiment import _record_time
+
+    path = tmp_path / "wall_time.json"
+    _record_time(path, {"total": 60.0}, reused=False)
+    _record_time(path, {"total": 5.0}, reused=True)  # reused the trainings: its 5 s come on top of the first 60
+    assert json.loads(path.read_text())["calls"] == [{"total": 60.0}, {"total": 5.0}]
+    _record_time(path, {"total": 70.0}, reused=False)  # trained everything again: the old record no longer applies
+    assert json.loads(path.read_text())["calls"] == [{"total": 70.0}]

@@ -58,6 +58,7 @@ METRICS = ("context", "concept", "both")
 DRIFT = ("drift/norm_ratio", "drift/cosine_concept", "drift_sets/inter_l2", "drift_sets/intra_hausdorff",
          "drift_sets/simple_l2")
 FORMS = {"on": "eval_pink_star.csv", "background first": "eval_pink_star_background_first.csv"}
+WALL_TIME = "wall_time.json"
 SCORE_COLUMNS = ("method", "seed", "step", "form", "setting", "rho", "alpha", "prompt_index", "prompt", "image_index",
                  "background_read", *METRICS)
 
@@ -235,13 +236,16 @@ def run(out: str | Path = "docs/mini_experiment", size: str = "full", work: str 
     readout = load_readout()
     forms = load_forms(s.prompts)
     rows, drift_rows = [], []
+    reused = False  # whether this call builds on trainings (and images) of an earlier one
     for method in METHODS:
         t = s.training[method]
         for seed in s.seeds:
             run_dir = work / method / f"seed{seed}"
             _fresh(run_dir, {"method": method, "seed": seed, **asdict(t)})
             clock = time.perf_counter()
-            if not (run_dir / "exports" / "final").is_dir():
+            if (run_dir / "exports" / "final").is_dir():
+                reused = True
+            else:
                 train(method, run_dir, lr=t.lr, steps=t.steps, every=t.every, seed=seed, progress=progress)
             seconds[f"train {method}"] += time.perf_counter() - clock
             clock = time.perf_counter()
@@ -265,8 +269,15 @@ def run(out: str | Path = "docs/mini_experiment", size: str = "full", work: str 
         _grid(work / method / f"seed{s.seeds[0]}", forms[0].templates, KEYWORDS[method], min(4, s.images),
               out / f"grid-{method}.png")
     seconds["total"] = time.perf_counter() - started
-    write_json(dict(seconds), out / "wall_time.json")
+    _record_time(out / WALL_TIME, dict(seconds), reused)
     return write_report(out, size, s)
+
+
+def _record_time(path: Path, seconds: dict[str, float], reused: bool) -> None:
+    """Keep the wall time of every call that built this report: a call that reused an earlier call's trainings adds
+    its own time to theirs; a call that trained everything afresh starts the record anew."""
+    calls = json.loads(path.read_text())["calls"] if reused and path.is_file() else []
+    write_json({"calls": [*calls, seconds]}, path)
 
 
 def write_report(out: Path, size: str, s: Size) -> dict:
@@ -277,7 +288,7 @@ def write_report(out: Path, size: str, s: Size) -> dict:
     scores = [r for r in everything if r["form"] == main_form]
     other = [r for r in everything if r["form"] != main_form]
     drift_rows = _read_csv(out / "drift_seeds.csv")
-    seconds = json.loads((out / "wall_time.json").read_text())
+    seconds = json.loads((out / WALL_TIME).read_text())
     methods, other_methods = method_table(scores), method_table(other)
     curves = curve_table(scores, drift_rows)
     sweep = sweep_table(scores, s.sweep_images)
@@ -469,6 +480,16 @@ def _plots(out: Path, curves: list[dict], sweep: list[dict]) -> None:
     plt.close(fig)
 
 
+def _wall_time(calls: list[dict[str, float]]) -> str:
+    total = {k: sum(c.get(k, 0.0) for c in calls) for k in dict.fromkeys(k for c in calls for k in c)}
+    text = f"Wall time: {total['total'] / 60:.1f} min in all (" + ", ".join(
+        f"{k} {v / 60:.1f}" for k, v in total.items() if k != "total") + " min), one CPU thread"
+    if len(calls) > 1:
+        text += (f", over {len(calls)} calls of the command (later ones reusing the trainings and images of earlier "
+                 "ones: " + ", ".join(f"{c['total'] / 60:.1f}" for c in calls) + " min)")
+    return text + "."
+
+
 def _share(agree: int, n: int) -> str:
     return f"{agree}/{n} ({agree / max(1, n):.1%})"
 
@@ -505,8 +526,7 @@ def _summary(out: Path, size: str, s: Size, forms: list[Prompts], methods, other
         + "; ".join(f"`{t}`" for t in main.templates) + f". TEA: rho {TEA[0]:g}, alpha {TEA[1]:g}. Every share "
         "comes with its 95 % bootstrap interval over training seeds (images resampled inside each seed); gaps are "
         "TEA minus baseline, paired image by image.", "",
-        f"Wall time: {seconds['total'] / 60:.1f} min in all ("
-        + ", ".join(f"{k} {v / 60:.1f}" for k, v in seconds.items() if k != "total") + " min), one CPU thread.", "",
+        _wall_time(seconds["calls"]), "",
         "## The readout against a person", "",
         "Agreement of the readout with a person's labels of images the world drew (`tea_lightning/mini/labelled/`; "
         "batch 2 was drawn from this experiment and labelled after the readout was final; "
