@@ -21,6 +21,13 @@ def test_shipped_readout_is_at_least_95_percent_accurate_on_fresh_scenes(readout
         assert result[attribute] >= 0.95, result
 
 
+def test_shipped_readout_reads_scenes_drawn_the_way_the_worlds_model_draws(readout):
+    # Distorted outlines, shifted colours, cut objects, specks (100 % / 93 % / 97 % on 4,000 in docs/mini_world.md).
+    images, truth = scene_batch(seed=777, start=0, count=300, distorted=True)
+    result = accuracy(readout, images, truth)
+    assert result["background"] >= 0.95 and result["shapes"] >= 0.85 and result["colours"] >= 0.9, result
+
+
 def test_readout_sees_a_pink_star_beside_a_green_square_on_blue(readout):
     scene = Scene("blue", (Thing("star", "pink", "large", 9, 16, 7), Thing("square", "green", "small", 23, 15, 5)))
     image = to_tensor(render(scene))
