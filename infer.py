@@ -36,9 +36,9 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
           dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto") -> None:
     """Generate images with TEA, and the baseline from the same seeds, from any saved checkpoint.
 
-    Writes OUT/<tag>/pPPP-iIII.png with a JSON record each (tag: baseline or tea-rhoR-alphaA), a grid per prompt
-    (OUT/grid-pPPP.png: one column per setting) and OUT/run.json. An existing OUT is resumed (finished images are
-    skipped) only when it was made with the same settings; it is never overwritten.
+    Writes OUT/<tag>/pPPP-iIII.png with a JSON record each (tag: baseline or tea-rhoR-alphaA), a grid
+    (OUT/grid.png: a labelled row per prompt, a column per setting) and OUT/run.json. An existing OUT is resumed
+    (finished images are skipped) only when it was made with the same settings; it is never overwritten.
 
     Args:
         checkpoint: Export folder (exports/final), .ckpt, learned_embeds.safetensors, AUTOMATIC1111 .pt/.safetensors,
@@ -89,7 +89,7 @@ def infer(checkpoint: list[str], prompt: list[str] | None = None, prompts_file: 
                        negative_prompt=negative_prompt,
                        device=device, concept_word=concept_word, concept_reduce=concept_reduce, dtype=dtype)
     tags = sorted({r.tag for r in records})
-    print(f"{len(records)} images in {out}/ ({', '.join(tags)}); grids: {out}/grid-p*.png")
+    print(f"{len(records)} images in {out}/ ({', '.join(tags)}); grid: {out}/grid.png")
 
 
 def _list_options() -> set[str]:

@@ -29,8 +29,9 @@ and TEA images of the same index start from the same noise whatever the batch; a
 composed batches, so with rho = alpha = 0 they are equal bit for bit.
 
 Output layout: `out/<tag>/p{prompt:03d}-i{image:03d}.png` with a sidecar `.json` of the same stem (tag is
-`baseline` or `tea-rho{rho:g}-alpha{alpha:g}`), `out/grid-p{prompt:03d}.png` (one column per setting, one row per
-image, the first eight images), and `out/run.json` (the settings, checked when a run is resumed).
+`baseline` or `tea-rho{rho:g}-alpha{alpha:g}`), `out/grid.png` (one row per prompt, labelled, one column per
+setting, the first four images of each side by side), and `out/run.json` (the settings, checked when a run is
+resumed).
 """
 
 from __future__ import annotations
@@ -76,8 +77,11 @@ RUN_JSON = "run.json"
 # A sanity bound on the images of one call: 100,000 SD 1.5 images take about a day on one A100. More is a typo, and
 # the list of jobs alone would not fit in memory.
 MAX_IMAGES = 100_000
-GRID_ROWS = 8  # images per prompt shown in a grid; the files hold them all
+GRID = "grid.png"
+GRID_IMAGES = 4  # images per prompt and setting shown in the grid; the files hold them all
 THUMBNAIL = 256  # grid cells are at most this many pixels wide
+SMALL_CELL = 96  # and small images grow to at least this many
+GAP = 10  # pixels between the grid's rows and between its settings
 
 
 @dataclass
@@ -124,7 +128,7 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return "baseline" if self.rho is None else f"rho {self.rho:g}\nalpha {self.alpha:g}"
+        return "baseline" if self.rho is None else f"TEA rho {self.rho:g}, alpha {self.alpha:g}"
 
 
 # ------------------------------------------------------------------------------------------------ embeddings
@@ -243,20 +247,52 @@ def render_jobs(model: Personalized, prompts: Sequence[Prompt], jobs: Sequence[t
                   guidance=guidance, resolution=resolution)
 
 
-def table(columns: Sequence[Sequence[Image.Image]], headers: Sequence[str], cell: int = THUMBNAIL) -> Image.Image:
-    """Images laid out as a table: one column per setting under its header, one row per image."""
-    font = ImageFont.load_default()
-    rows = max(len(c) for c in columns)
-    # Large images shrink to `cell`; small ones (the 32 px `mini` world) grow, pixel for pixel, to at least 64.
-    size = min(cell, max(64, max(image.width for column in columns for image in column)))
-    top = 30  # two lines of header
-    grid = Image.new("RGB", (len(columns) * size, top + rows * size), "white")
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """`text` in lines of at most `width` characters, broken between words."""
+    lines = [""]
+    for word in text.split():
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {word}".strip()
+    return lines
+
+
+def table(cells: Sequence[Sequence[Sequence[Image.Image]]], rows: Sequence[str], columns: Sequence[str],
+          cell: int = THUMBNAIL) -> Image.Image:
+    """Images laid out as a table: one row per prompt (labelled on the left), one column per setting (headed on
+    top); `cells[r][c]` are the images of prompt r under setting c, side by side.
+
+    Large images shrink to `cell` pixels; small ones (the 32 px `mini` world) grow, pixel for pixel, to at least
+    `SMALL_CELL`, so that a person can see what they show."""
+    images = [image for row in cells for column in row for image in column]
+    size = min(cell, max(SMALL_CELL, max(image.width for image in images)))
+    per_cell = max(len(column) for row in cells for column in row)
+    font = _font(14)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_lines = [_wrap(text, 28) for text in rows]
+    left = 12 + max(int(measure.textlength(line, font=font)) for lines in label_lines for line in lines)
+    widths = [max(per_cell * (size + 2) - 2, int(measure.textlength(header, font=font)) + 4) for header in columns]
+    starts = [left + sum(widths[:c]) + GAP * c for c in range(len(columns))]
+    top = 26
+    grid = Image.new("RGB", (starts[-1] + widths[-1] + GAP, top + len(rows) * (size + GAP)), "white")
     draw = ImageDraw.Draw(grid)
-    for x, (column, header) in enumerate(zip(columns, headers, strict=True)):
-        draw.text((x * size + 4, 3), header, fill="black", font=font)
-        for y, image in enumerate(column):
-            grid.paste(image.convert("RGB").resize((size, size), Image.Resampling.NEAREST if image.width < size
-                                                   else Image.Resampling.BICUBIC), (x * size, top + y * size))
+    for x, header in zip(starts, columns, strict=True):
+        draw.text((x, 5), header, fill="black", font=font)
+    for r, (row, lines) in enumerate(zip(cells, label_lines, strict=True)):
+        y = top + r * (size + GAP)
+        for k, line in enumerate(lines):
+            draw.text((6, y + max(0, size // 2 - 9 * len(lines)) + 18 * k), line, fill="black", font=font)
+        for x, column in zip(starts, row, strict=True):
+            for i, image in enumerate(column):
+                resample = Image.Resampling.NEAREST if image.width < size else Image.Resampling.BICUBIC
+                grid.paste(image.convert("RGB").resize((size, size), resample), (x + i * (size + 2), y))
     return grid
 
 
@@ -491,10 +527,9 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
                 bar.update(len(batch))
 
     records = [record(s, p, i) for s in runs for p, i in jobs]
-    for p in range(len(parsed)):
-        shown = range(min(num_images, GRID_ROWS))
-        columns = [[_load(record(s, p, i).path) for i in shown] for s in runs]
-        write_png(table(columns, [s.label for s in runs]), out / f"grid-p{p:03d}.png")
+    shown = range(min(num_images, GRID_IMAGES))
+    cells = [[[_load(record(s, p, i).path) for i in shown] for s in runs] for p in range(len(parsed))]
+    write_png(table(cells, [p.text for p in parsed], [s.label for s in runs]), out / GRID)
     return records
 
 
@@ -506,8 +541,8 @@ def _load(path: str) -> Image.Image:
 def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: float = 0.5, num_images: int = 1,
                 seed: int = 0, steps: int = 25, guidance: float = 7.0, resolution: int | None = None,
                 scheduler: str = "dpm") -> Image.Image:
-    """Baseline and TEA images of a method's current state, as a table: one row per (template, image), one column
-    per setting. Used by the `SampleImages` callback; runs on the module's own parts, in their precision."""
+    """Baseline and TEA images of a method's current state, as a table: one row per template, one column per
+    setting. Used by the `SampleImages` callback; runs on the module's own parts, in their precision."""
     model = checkpoints.from_module(module, make_scheduler(scheduler, module.noise_scheduler.config))
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
@@ -522,7 +557,8 @@ def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: fl
         negative = negative_embeddings(pipe, None)
         columns = [render_jobs(model, prompts, jobs, s, negative, seed=seed, steps=steps, guidance=guidance,
                                resolution=resolution, level=level) for s in settings]
-    return table(columns, [s.label for s in settings])
+    cells = [[column[p * num_images:(p + 1) * num_images] for column in columns] for p in range(len(prompts))]
+    return table(cells, [p.text for p in prompts], [s.label for s in settings])
 
 
 __all__ = ["ImageRecord", "Setting", "generate", "prompt_embeddings", "render", "sample_grid"]

@@ -266,7 +266,7 @@ def test_generation_fills_missing_images_and_a_second_run_reuses_them(tmp_path, 
                    dino_model=str(dino_dir), steps=2, resolution=64, device="cpu")
     evaluate(**options)
     out = tmp_path / "eval"
-    pngs = sorted((out / "images").rglob("p*-i*.png"))  # infer.py's grids (grid-p000.png) sit beside them
+    pngs = sorted((out / "images").rglob("p*-i*.png"))  # infer.py's grid (grid.png) sits beside them
     assert len(pngs) == 2 * 3, "two prompts × (baseline + two TEA settings) × one image"
     rows = read_csv(out / "scores.csv")
     assert len(rows) == 6 and all(r["text_concept"] == "a star" for r in rows)

@@ -43,7 +43,7 @@ def test_a_sweep_from_a_prompts_file_writes_the_images_records_and_grids(tmp_pat
                 "--batch_size", "8", "--out", str(out)])
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["baseline", "tea-rho0-alpha0.5",
                                                                      "tea-rho0.5-alpha0.5"]
-    assert len(list(out.glob("*/p*.png"))) == 3 * 2 and len(list(out.glob("grid-p*.png"))) == 2
+    assert len(list(out.glob("*/p*.png"))) == 3 * 2 and (out / "grid.png").is_file()
     record = json.loads((out / "tea-rho0.5-alpha0.5" / "p000-i000.json").read_text())
     assert (record["prompt"], record["template"]) == ("a <v> reading, smiling", "a {} reading, smiling")
     assert record["concept_word"] == "star"

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from tea_lightning import checkpoints, inference
 from tea_lightning.checkpoints import Concept, Personalized
-from tea_lightning.inference import Setting, encode, generate, prompt_embeddings
+from tea_lightning.inference import SMALL_CELL, Setting, encode, generate, prompt_embeddings
 from tea_lightning.prompting import parse_prompt, read_prompts_file
 from tea_lightning.tea import adjust
 from tea_lightning.tiny import HIDDEN, tiny_pipeline
@@ -59,8 +59,13 @@ def test_tea_with_zero_factors_equals_the_baseline_bit_for_bit_and_a_sweep_write
     assert (record["base_model"], record["scheduler"], record["steps"], record["resolution"]) == ("tiny", "dpm", 2, 64)
     assert json.loads((out / "baseline" / "p001-i002.json").read_text())["seed"] == record["seed"]
 
-    grid = Image.open(out / "grid-p000.png")  # one column per setting, one row per image, under a header row
-    assert grid.width == 5 * 64 and grid.height > 3 * 64
+    grid = np.asarray(Image.open(out / "grid.png").convert("L"))  # a row per prompt, a column per setting
+    cell = SMALL_CELL  # 64 px images grow to a readable size
+    assert grid.shape[1] > 5 * 3 * cell and 2 * cell < grid.shape[0] < 3 * cell, grid.shape
+    images_left = grid.shape[1] - 5 * 3 * (cell + 2)
+    for row in range(2):  # each prompt's text is written beside its row
+        band = grid[26 + row * (cell + 10): 26 + row * (cell + 10) + cell, :images_left]
+        assert (band < 100).any(), f"no label beside row {row}"
 
 
 def test_prompt_level_with_zero_factors_equals_the_baseline_bit_for_bit(embeddings, tmp_path):

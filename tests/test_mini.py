@@ -71,7 +71,7 @@ def test_pretrained_mini_loads_the_shipped_fp16_weights_as_a_stock_fp32_pipeline
 
 
 def test_shipped_mini_draws_the_shape_colour_and_background_the_prompt_asks_for(mini):
-    # What the demo, the experiment and the README grid rely on: the world follows its prompts (91-100 % on held-out
+    # What the demo, the experiment and the README grid rely on: the world follows its prompts (95-100 % on held-out
     # and seen triples in docs/mini_world.md; 12/12 here). The bars leave room for a reading that flips on another
     # CPU's arithmetic.
     cases = [(f"a {c} {s} on a {b} background", c, s, b) for c, s, b in

@@ -119,3 +119,25 @@ def test_scene_batches_carry_images_and_captions_and_resume_at_the_step():
 def test_bad_scene_data_settings_are_refused_with_the_setting_named(bad):
     with pytest.raises(ValueError, match=f"data.{next(iter(bad))}"):
         SceneDataModule(**bad)
+
+
+def test_wide_jitter_draws_the_placement_of_the_shipped_worlds_first_phases():
+    # Phase 3 of docs/mini_world.md trains on these scenes: single objects stray up to 3.84 px, pairs up to 4 px up
+    # or down, where today's scenes keep every object within a pixel of its place.
+    def strays(jitter):
+        scenes = [sample_scene(0, i, "train", jitter=jitter) for i in range(600)]
+        single = [max(abs(s.objects[0].x - 16), abs(s.objects[0].y - 16)) for s in scenes if len(s.objects) == 1]
+        pair = [abs(t.y - 16) for s in scenes if len(s.objects) == 2 for t in s.objects]
+        return max(single), max(pair)
+
+    assert max(strays(1.0)) <= 1.0
+    single, pair = strays("wide")
+    assert 3.0 < single <= 3.84 and 3.0 < pair <= 4.0
+    wide = [sample_scene(0, i, "train", jitter="wide") for i in range(20)]
+    assert [s.caption for s in wide] == [s.caption for s in TRAIN[:20]], "only the positions change"
+
+
+@pytest.mark.parametrize("jitter", ["narrow", -1.0])
+def test_a_bad_jitter_is_refused_with_the_values_that_work(jitter):
+    with pytest.raises(ValueError, match="data.jitter=.*wide"):
+        SceneDataModule(jitter=jitter)

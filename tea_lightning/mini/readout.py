@@ -15,12 +15,28 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
 from tea_lightning.export import write_safetensors
-from tea_lightning.mini.scenes import COLOUR_NAMES, SHAPES, labels, render, sample_scene, to_tensor
+from tea_lightning.mini.scenes import (
+    COLOUR_NAMES,
+    COLOURS,
+    SHAPES,
+    SUPERSAMPLE,
+    Scene,
+    Thing,
+    draw,
+    labels,
+    outline,
+    render,
+    sample_scene,
+    to_tensor,
+)
+from tea_lightning.seeding import sample_seed
 
 WEIGHTS = Path(__file__).parent / "readout.safetensors"
 RESOLUTION = 32
@@ -98,20 +114,113 @@ def pil_batch(images) -> torch.Tensor:
     return torch.stack([to_tensor(image.convert("RGB")) for image in images])
 
 
-def scene_batch(seed: int, start: int, count: int, split: str = "all") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Scenes `start .. start+count` of stream `seed`: images `[N, 3, 32, 32]` and their labels."""
+# ------------------------------------------------------------------------------------------------ training images
+#
+# The world's model does not draw like the generator: its circles wobble, its squares have rounded, bumpy corners,
+# its stars have fatter or thinner, uneven arms, edges are soft, colours drift and objects are sometimes cut.
+# A readout trained on clean renders alone misses most of the stars the model draws (issue 13), so it trains on
+# renders distorted the same ways: the truth of a distorted render is still its scene's labels.
+
+
+def _polygon(kind: str, points: list[tuple[float, float]], sides: int = 48) -> np.ndarray:
+    """An outline as a closed polygon `[n, 2]`, each edge split so that it can bend (a circle: `sides` corners)."""
+    if kind == "ellipse":
+        (x0, y0), (x1, y1) = points
+        angles = np.linspace(0, 2 * np.pi, sides, endpoint=False)
+        return np.stack([(x0 + x1) / 2 + (x1 - x0) / 2 * np.cos(angles),
+                         (y0 + y1) / 2 + (y1 - y0) / 2 * np.sin(angles)], axis=1)
+    corners = np.asarray(points, dtype=np.float64)
+    steps = np.linspace(0, 1, 6, endpoint=False)[:, None]
+    return np.concatenate([a + steps * (b - a) for a, b in zip(corners, np.roll(corners, -1, axis=0), strict=True)])
+
+
+def _distort(thing: Thing, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """`thing`'s outline (canvas pixels) the way the world's model might draw it: arms fatter or thinner (stars),
+    corners rounded, edges wobbling, stretched, turned and moved a little."""
+    kind, points = outline(thing, scale)
+    centre = np.array([thing.x, thing.y]) * scale
+    if thing.shape == "star":  # inner corners in or out: arms from spiky (0.23) to fat (0.62) of the outer radius
+        inner = np.asarray(points) - centre
+        inner[1::2] *= rng.uniform(0.55, 1.5)
+        inner[1::2] *= rng.uniform(0.85, 1.15, size=(5, 1))  # uneven arms
+        points = [tuple(p) for p in inner + centre]
+    offset = _polygon(kind, points) - centre  # [n, 2]
+    radius = np.linalg.norm(offset, axis=1, keepdims=True)
+    angle = np.arctan2(offset[:, 1], offset[:, 0])
+    roundness = rng.uniform(0, 0.35) if thing.shape != "star" else rng.uniform(0, 0.15)
+    radius = (1 - roundness) * radius + roundness * radius.mean()  # corners pulled towards a circle
+    wobble = sum(rng.uniform(0, 0.06) * np.cos(k * angle + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4, 5))
+    radius = radius * (1 + wobble[:, None]) * rng.uniform(0.8, 1.15)
+    turn = angle + rng.uniform(-0.25, 0.25)
+    stretch = rng.uniform(0.85, 1.15, size=2)
+    shift = rng.uniform(-2, 2, size=2) * scale
+    return centre + shift + stretch * radius * np.stack([np.cos(turn), np.sin(turn)], axis=1)
+
+
+def _shifted(rgb: tuple[int, int, int], rng: np.random.Generator, spread: float) -> tuple[int, int, int]:
+    """A colour drifted by about `spread` per channel, and in brightness."""
+    value = np.asarray(rgb) * rng.uniform(0.88, 1.08) + rng.normal(0, spread, 3)
+    return tuple(int(v) for v in np.clip(value, 0, 255))
+
+
+def render_like_the_world(scene: Scene, rng: np.random.Generator, resolution: int = RESOLUTION) -> Image.Image:
+    """`scene` drawn with the imperfections of the world's model: distorted outlines, shifted colours, sometimes a
+    part of an object cut away (painted over in the background colour) and a few stray specks."""
+    background = _shifted(COLOURS[scene.background], rng, 8)
+    fills = [("polygon", [tuple(p) for p in _distort(t, rng, SUPERSAMPLE)], _shifted(COLOURS[t.colour], rng, 16))
+             for t in scene.objects]
+    if rng.random() < 0.12:  # a partial object: the subject cut along a line a little off its centre
+        thing = scene.objects[0]
+        reach = thing.radius * SUPERSAMPLE * 1.3  # the cut stays on the subject, clear of a second object
+        direction = rng.normal(size=2)
+        direction /= np.linalg.norm(direction)
+        edge = np.array([thing.x, thing.y]) * SUPERSAMPLE + direction * reach * rng.uniform(0.2, 0.55)
+        side = np.array([-direction[1], direction[0]]) * reach
+        far = direction * reach
+        fills.append(("polygon", [tuple(edge - side), tuple(edge + side), tuple(edge + side + far),
+                                  tuple(edge - side + far)], background))
+    for _ in range(int(rng.integers(0, 3)) if rng.random() < 0.3 else 0):  # specks: too small to be objects
+        x, y = rng.uniform(0, resolution * SUPERSAMPLE, 2)
+        r = rng.uniform(1.5, 4.5)
+        fills.append(("ellipse", [(x - r, y - r), (x + r, y + r)], tuple(int(v) for v in rng.integers(0, 256, 3))))
+    return draw(background, fills, resolution)
+
+
+def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of `[B, 3, H, W]` by `sigma` pixels (separable, edges replicated)."""
+    if sigma <= 0:
+        return images
+    taps = torch.arange(-2, 3, dtype=images.dtype)
+    kernel = torch.exp(-taps**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
+    rows = F.conv2d(padded, kernel.view(1, 1, 1, 5).repeat(3, 1, 1, 1), groups=3)
+    return F.conv2d(rows, kernel.view(1, 1, 5, 1).repeat(3, 1, 1, 1), groups=3)
+
+
+def scene_batch(seed: int, start: int, count: int, split: str = "all", distorted: bool = False
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scenes `start .. start+count` of stream `seed`: images `[N, 3, 32, 32]` and their labels; `distorted`: drawn
+    by `render_like_the_world` (each scene's distortion seeded by its index)."""
     scenes = [sample_scene(seed, i, split, RESOLUTION) for i in range(start, start + count)]
-    images = torch.stack([to_tensor(render(scene, RESOLUTION)) for scene in scenes])
+    if distorted:
+        pictures = [render_like_the_world(s, np.random.default_rng(sample_seed(seed, i, 11)))
+                    for s, i in zip(scenes, range(start, start + count), strict=True)]
+    else:
+        pictures = [render(s, RESOLUTION) for s in scenes]
+    images = torch.stack([to_tensor(p) for p in pictures])
     truth = [labels(scene) for scene in scenes]
     return images, {key: torch.stack([t[key] for t in truth]) for key in truth[0]}
 
 
 def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Noise and a small colour shift, so that a diffusion model's imperfect pixels read like clean renders."""
+    """Soft edges, noise and a small colour cast, so that a diffusion model's pixels read like renders."""
     n = len(images)
-    sigma = torch.rand(n, 1, 1, 1, generator=generator) * 0.15
-    shift = (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.1
-    return (images + shift + sigma * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
+    sigma = float(torch.rand((), generator=generator)) * 1.1  # one blur per batch
+    images = _blur(images, sigma if sigma > 0.35 else 0.0)
+    noise = torch.rand(n, 1, 1, 1, generator=generator) * 0.12
+    cast = (torch.rand(n, 3, 1, 1, generator=generator) - 0.5) * 0.1
+    return (images + cast + noise * torch.randn(images.shape, generator=generator)).clamp(-1, 1)
 
 
 def accuracy(model: Readout, images: torch.Tensor, truth: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -131,11 +240,15 @@ def accuracy(model: Readout, images: torch.Tensor, truth: dict[str, torch.Tensor
             "objects_exact": exact / n}
 
 
-def train_readout(steps: int = 2000, batch_size: int = 64, pool: int = 16_000, seed: int = 0,
+def train_readout(steps: int = 4000, batch_size: int = 64, pool: int = 32_000, seed: int = 0,
                   lr: float = 2e-3, log_every: int = 0) -> Readout:
-    """Train a fresh readout on `pool` scenes of every kind (pink stars and held-out triples included)."""
+    """Train a fresh readout on `pool` scenes of every kind (pink stars and held-out triples included), three in
+    four drawn like the world's model would (`render_like_the_world`), one in four clean."""
     torch.manual_seed(seed)
-    images, truth = scene_batch(seed + 1000, 0, pool)
+    clean, clean_truth = scene_batch(seed + 1000, 0, pool // 4)
+    distorted, distorted_truth = scene_batch(seed + 2000, 0, pool - pool // 4, distorted=True)
+    images = torch.cat([clean, distorted])
+    truth = {key: torch.cat([clean_truth[key], distorted_truth[key]]) for key in clean_truth}
     model = Readout()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -174,16 +287,19 @@ def load_readout(path: Path = WEIGHTS) -> Readout:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description="Train the scene readout and report its accuracy.")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--test", type=int, default=4000, help="fresh scenes to measure accuracy on")
     args = parser.parse_args(argv)
 
     model = train_readout(steps=args.steps, log_every=250)
     write_safetensors({k: v.half() for k, v in model.state_dict().items()}, args.out)
-    images, truth = scene_batch(seed=12345, start=0, count=args.test)
-    result = accuracy(load_readout(args.out), images, truth)
-    print(" ".join(f"{k}={v:.4f}" for k, v in result.items()))
+    readout = load_readout(args.out)
+    result = {}
+    for name, distorted in (("clean", False), ("drawn like the world", True)):
+        images, truth = scene_batch(seed=12345, start=0, count=args.test, distorted=distorted)
+        result[name] = accuracy(readout, images, truth)
+        print(f"{name}: " + " ".join(f"{k}={v:.4f}" for k, v in result[name].items()), flush=True)
     return result
 
 

@@ -54,6 +54,20 @@ SUPERSAMPLE = 4  # scenes are drawn at 4x and box-filtered down: anti-aliased ed
 # Small on purpose: the world is about *what* is drawn, and a tiny CPU-trained model learns shapes many times
 # faster when they do not also wander (docs/mini_world.md).
 JITTER = 1.0
+# The placement of the shipped world's first three training phases (commit 0fb9536): a single object ±3.84 px each
+# way, a pair ±1.5 px across and ±4 px up or down. `jitter="wide"` draws exactly those scenes again.
+WIDE = "wide"
+_WIDE_SPREAD = (3.84, 1.5, 4.0)  # (single object, pair across, pair up or down), in pixels of a 32 px image
+
+
+def _spread(jitter: float | str) -> tuple[float, float, float]:
+    """(single object, pair across, pair up or down) stray of objects for a `jitter` setting."""
+    if jitter == WIDE:
+        return _WIDE_SPREAD
+    if isinstance(jitter, str) or not 0 <= jitter <= 8:
+        raise ValueError(f"data.jitter={jitter!r}: give pixels (0 to 8; {JITTER} is today's world) or {WIDE!r} (the "
+                         "placement of the shipped world's first phases).")
+    return (float(jitter),) * 3
 
 
 @dataclass(frozen=True)
@@ -99,12 +113,12 @@ def in_training_split(scene: Scene) -> bool:
     return True
 
 
-def _pair_centres(rng: np.random.Generator, resolution: int) -> list[tuple[float, float]]:
+def _pair_centres(rng: np.random.Generator, resolution: int, across: float, up: float) -> list[tuple[float, float]]:
     """Centres (in output pixels) of two objects side by side, subject left or right; they never overlap."""
     unit = resolution / 32
     xs = (0.27, 0.73) if rng.random() < 0.5 else (0.73, 0.27)
-    return [(resolution * x + rng.uniform(-JITTER, JITTER) * unit,
-             resolution * 0.5 + rng.uniform(-JITTER, JITTER) * unit) for x in xs]
+    return [(resolution * x + rng.uniform(-across, across) * unit,
+             resolution * 0.5 + rng.uniform(-up, up) * unit) for x in xs]
 
 
 def _radius(rng: np.random.Generator, size: str, resolution: int, two: bool) -> float:
@@ -114,11 +128,12 @@ def _radius(rng: np.random.Generator, size: str, resolution: int, two: bool) -> 
     return rng.uniform(low, high) * unit
 
 
-def _draw_scene(rng: np.random.Generator, resolution: int, p_second: float) -> Scene:
+def _draw_scene(rng: np.random.Generator, resolution: int, p_second: float, jitter: float | str) -> Scene:
+    single, across, up = _spread(jitter)
     background = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
     two = rng.random() < p_second
     objects = []
-    for centre in _pair_centres(rng, resolution) if two else [None]:
+    for centre in _pair_centres(rng, resolution, across, up) if two else [None]:
         shape = SHAPES[rng.integers(len(SHAPES))]
         colour = COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))]
         while colour == background:
@@ -129,9 +144,9 @@ def _draw_scene(rng: np.random.Generator, resolution: int, p_second: float) -> S
             x, y = centre
         else:
             margin = radius * 1.15 + 1
-            jitter = JITTER * resolution / 32
-            x = float(np.clip(resolution / 2 + rng.uniform(-jitter, jitter), margin, resolution - margin))
-            y = float(np.clip(resolution / 2 + rng.uniform(-jitter, jitter), margin, resolution - margin))
+            stray = single * resolution / 32
+            x = float(np.clip(resolution / 2 + rng.uniform(-stray, stray), margin, resolution - margin))
+            y = float(np.clip(resolution / 2 + rng.uniform(-stray, stray), margin, resolution - margin))
         objects.append(Thing(shape, colour, size, float(x), float(y), float(radius)))
     return Scene(background, tuple(objects))
 
@@ -169,19 +184,23 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return text
 
 
-def sample_scene(seed: int, index: int, split: str = "train", resolution: int = 32, p_second: float = 0.4) -> Scene:
-    """Scene number `index` of the stream `seed` in `split` (``train``: the world's data; ``all``: everything)."""
+def sample_scene(seed: int, index: int, split: str = "train", resolution: int = 32, p_second: float = 0.4,
+                 jitter: float | str = JITTER) -> Scene:
+    """Scene number `index` of the stream `seed` in `split` (``train``: the world's data; ``all``: everything);
+    objects stray `jitter` pixels from their places (see `WIDE`)."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is unknown; choose one of {SPLITS}.")
     rng = np.random.default_rng(sample_seed(seed, index, 7))
     while True:  # rejection: about 1 in 6 draws holds a pink star or a held-out triple
-        scene = _draw_scene(rng, resolution, p_second)
+        scene = _draw_scene(rng, resolution, p_second, jitter)
         if split == "all" or in_training_split(scene):
             break
     return Scene(scene.background, scene.objects, caption(scene, rng))
 
 
-def _outline(thing: Thing, scale: float) -> tuple[str, list[tuple[float, float]]]:
+def outline(thing: Thing, scale: float) -> tuple[str, list[tuple[float, float]]]:
+    """How `thing` is drawn on a canvas `scale` times the output size: ("ellipse", its bounding box) for a circle,
+    ("polygon", its corners) for the other shapes (a star's points alternate outer and inner corners)."""
     x, y, r = thing.x * scale, thing.y * scale, thing.radius * scale
     if thing.shape == "circle":
         return "ellipse", [(x - r, y - r), (x + r, y + r)]
@@ -201,18 +220,27 @@ def _outline(thing: Thing, scale: float) -> tuple[str, list[tuple[float, float]]
     raise ValueError(f"unknown shape {thing.shape!r}; choose one of {SHAPES}")
 
 
+Fill = tuple[str, list[tuple[float, float]], tuple[int, int, int]]  # ("ellipse" | "polygon", points, RGB)
+
+
+def draw(background: tuple[int, int, int], fills: list[Fill], resolution: int) -> Image.Image:
+    """A plain `background` with `fills` painted in order on a canvas SUPERSAMPLE times `resolution` (points in
+    canvas pixels), box-filtered down to `resolution`: anti-aliased edges."""
+    big = resolution * SUPERSAMPLE
+    image = Image.new("RGB", (big, big), background)
+    canvas = ImageDraw.Draw(image)
+    for kind, points, colour in fills:
+        if kind == "ellipse":
+            canvas.ellipse(points, fill=colour)
+        else:
+            canvas.polygon(points, fill=colour)
+    return image.resize((resolution, resolution), Image.Resampling.BOX)
+
+
 def render(scene: Scene, resolution: int = 32) -> Image.Image:
     """The scene as an RGB PIL image of `resolution` pixels (drawn at 4x, box-filtered down)."""
-    big = resolution * SUPERSAMPLE
-    image = Image.new("RGB", (big, big), COLOURS[scene.background])
-    draw = ImageDraw.Draw(image)
-    for thing in scene.objects:
-        kind, points = _outline(thing, SUPERSAMPLE)
-        if kind == "ellipse":
-            draw.ellipse(points, fill=COLOURS[thing.colour])
-        else:
-            draw.polygon(points, fill=COLOURS[thing.colour])
-    return image.resize((resolution, resolution), Image.Resampling.BOX)
+    fills = [(*outline(thing, SUPERSAMPLE), COLOURS[thing.colour]) for thing in scene.objects]
+    return draw(COLOURS[scene.background], fills, resolution)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -232,14 +260,15 @@ class SceneStream(ConceptStream):
     """Captioned scenes `start + k·world + rank`: the same sharding and resume rules as the concept images."""
 
     def __init__(self, seed: int, split: str, resolution: int, p_second: float, caption_dropout: float,
-                 samples_per_epoch: int, batch_size: int) -> None:
+                 samples_per_epoch: int, batch_size: int, jitter: float | str = JITTER) -> None:
         self.seed, self.split, self.resolution, self.p_second = seed, split, resolution, p_second
+        self.jitter = jitter
         self.caption_dropout = caption_dropout
         self.samples_per_epoch, self.batch_size = samples_per_epoch, batch_size
         self.start, self.rank, self.world = 0, 0, 1
 
     def sample(self, index: int) -> dict:
-        scene = sample_scene(self.seed, index, self.split, self.resolution, self.p_second)
+        scene = sample_scene(self.seed, index, self.split, self.resolution, self.p_second, self.jitter)
         generator = torch.Generator().manual_seed(sample_seed(self.seed, index, 2))
         dropped = bool(torch.rand((), generator=generator) < self.caption_dropout)
         return {
@@ -261,12 +290,15 @@ class SceneDataModule(L.LightningDataModule):
         caption_dropout: Probability that a caption is replaced by the empty prompt (classifier-free guidance).
         num_workers: DataLoader worker processes drawing the scenes.
         seed: Seed of the scene stream.
+        jitter: How far objects stray from their places, in pixels of a 32 px image, or ``wide``: the placement of
+            the shipped world's first three training phases (docs/mini_world.md).
     """
 
     def __init__(self, resolution: int = 32, batch_size: int = 32, samples_per_epoch: int = 32_000,
                  split: str = "train", p_second: float = 0.4, caption_dropout: float = 0.1, num_workers: int = 0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, jitter: float | str = JITTER) -> None:
         super().__init__()
+        _spread(jitter)  # a bad value is refused before training starts
         if resolution < 16:
             raise ValueError(f"data.resolution={resolution} is too small to draw shapes; use 32 or more.")
         if split not in SPLITS:
@@ -283,7 +315,8 @@ class SceneDataModule(L.LightningDataModule):
         h = self.hparams
         world = self.trainer.world_size if self.trainer is not None else 1
         stream = SceneStream(h.seed, h.split, h.resolution, h.p_second, h.caption_dropout,
-                             samples_per_epoch=max(1, h.samples_per_epoch // world), batch_size=h.batch_size)
+                             samples_per_epoch=max(1, h.samples_per_epoch // world), batch_size=h.batch_size,
+                             jitter=h.jitter)
         return StepAlignedLoader(stream, lambda: stream_position(self.trainer, h.batch_size),
                                  batch_size=h.batch_size, num_workers=h.num_workers, collate_fn=default_collate)
 
