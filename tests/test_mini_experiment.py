@@ -83,3 +83,24 @@ def test_wall_time_adds_up_the_calls_that_built_a_report_and_restarts_with_a_fre
     assert json.loads(path.read_text())["calls"] == [{"total": 60.0}, {"total": 5.0}]
     _record_time(path, {"total": 70.0}, reused=False)  # trained everything again: the old record no longer applies
     assert json.loads(path.read_text())["calls"] == [{"total": 70.0}]
+
+
+def test_the_grid_shows_the_images_of_the_prompts_it_labels(tmp_path):
+    # The last export's images of the second prompt form sort after the first form's folder; a grid that took the
+    # last folder by name would show "a blue background with <pink-star>" under the label "<pink-star> on a blue ...".
+    import numpy as np
+    from PIL import Image
+
+    from tea_lightning.mini.experiment import FORMS, TEA_TAG, _grid, images_folder
+
+    run_dir = tmp_path / "seed0"
+    (run_dir / "exports" / "step-000002").mkdir(parents=True)
+    for form, colour in zip(FORMS, ((255, 0, 0), (0, 0, 255)), strict=True):
+        for tag in ("baseline", TEA_TAG):
+            folder = images_folder(run_dir, 2, form) / tag
+            folder.mkdir(parents=True)
+            Image.new("RGB", (32, 32), colour).save(folder / "p000-i000.png")
+    _grid(run_dir, ["a {} on a red background"], "<pink-star>", 1, tmp_path / "grid.png")
+    pixels = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).reshape(-1, 3)
+    assert ((pixels == (255, 0, 0)).all(axis=1)).any(), "the labelled form's images are in the grid"
+    assert not ((pixels == (0, 0, 255)).all(axis=1)).any(), "the other form's images are not"

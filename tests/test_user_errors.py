@@ -161,7 +161,7 @@ CASES = [
     train_case("--ckpt_path", "{bad}/pickled.ckpt", named="pickled.ckpt"),
     train_case("--ckpt_path", "{bad}/dreambooth.ckpt", named="tea_lightning.DreamBoothLoRA"),
     train_case("--ckpt_path", "{bad}/ti.ckpt", "--model.init_args.num_vectors", "2", named="num_vectors"),
-    train_case("--ckpt_path", "{bad}/finished.ckpt", named="step 300"),
+    train_case("--ckpt_path", "{bad}/finished.ckpt", "--trainer.max_steps", "300", named="step 300"),
     # infer.py
     infer_case("--checkpoint", "{bad}/nothing-here", named="nothing-here"),
     infer_case("--checkpoint", "{bad}/empty.ckpt", named="empty.ckpt"),

@@ -183,6 +183,13 @@ def _score_records(records, method: str, seed: int, step: int, prompts: Prompts,
     return rows
 
 
+def images_folder(run_dir: Path, step: int, form: str = next(iter(FORMS))) -> Path:
+    """Where the images of one export and prompt form are generated (the first form, the one the grids show, has no
+    suffix: `images/step-000900`; the others `images/step-000900-background-first`)."""
+    suffix = "" if form == next(iter(FORMS)) else "-" + form.replace(" ", "-")
+    return run_dir / "images" / f"step-{step:06d}{suffix}"
+
+
 def _method_images(method: str, exports: Path, seed: int, size: Size, forms: list[Prompts], work: Path,
                    readout) -> list[dict]:
     """Images of every export (curves; Textual Inversion) and of the last one (with the sweep, and the second
@@ -194,7 +201,7 @@ def _method_images(method: str, exports: Path, seed: int, size: Size, forms: lis
         last = step == steps[-1]
         if not last and method != "textual_inversion":
             continue
-        export, folder = exports / f"step-{step:06d}", work / "images" / f"step-{step:06d}"
+        export, folder = exports / f"step-{step:06d}", images_folder(work, step)
         records = _generate(export, main, folder, seed, size, num_images=size.images if last else size.curve_images)
         if last and method == "textual_inversion":  # the sweep reuses the first images of the pair above
             turned = [r for r in size.rhos if r > 0]
@@ -207,8 +214,8 @@ def _method_images(method: str, exports: Path, seed: int, size: Size, forms: lis
             records += [r for r in extra if r.path not in seen and r.tag != "baseline"]
         rows += _score_records(records, method, seed, step, main, readout)
         for prompts in other if last else []:
-            records = _generate(export, prompts, work / "images" / f"step-{step:06d}-{prompts.form.replace(' ', '-')}",
-                                seed, size, num_images=size.other_images)
+            records = _generate(export, prompts, images_folder(work, step, prompts.form), seed, size,
+                                num_images=size.other_images)
             rows += _score_records(records, method, seed, step, prompts, readout)
     return rows
 
@@ -422,8 +429,10 @@ def _read_csv(path: Path) -> list[dict]:
 
 
 def _grid(run_dir: Path, templates: list[str], keyword: str, images: int, path: Path) -> None:
-    """Baseline against TEA of the last step, one row per prompt (labelled), `images` images per cell."""
-    folder = sorted((run_dir / "images").glob("step-*"))[-1]
+    """Baseline against TEA of the last step, one row per prompt (labelled), `images` images per cell: the images of
+    the first prompt form, the one `templates` holds."""
+    last = max(int(p.name.split("-")[1]) for p in (run_dir / "exports").glob("step-*"))
+    folder = images_folder(run_dir, last)
     cells = [[[Image.open(folder / tag / f"p{p:03d}-i{i:03d}.png").convert("RGB") for i in range(images)]
               for tag in ("baseline", TEA_TAG)] for p in range(len(templates))]
     headers = ["baseline", f"TEA rho {TEA[0]:g}, alpha {TEA[1]:g}"]
