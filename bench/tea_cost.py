@@ -22,8 +22,9 @@ from datetime import date
 
 import torch
 
-from tea_lightning.checkpoints import Concept, LearnedRows, Personalized
+from tea_lightning.checkpoints import Concept
 from tea_lightning.inference import Setting, encode, make_scheduler, prompt_embeddings, render
+from tea_lightning.personalized import LearnedRows, Personalized
 from tea_lightning.prompting import parse_prompt
 from tea_lightning.tea import adjust
 from tea_lightning.tiny import tiny_pipeline

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from torch import Tensor
 
-from tea_lightning import checkpoints, export
-from tea_lightning.checkpoints import LearnedRows, Personalized
+from tea_lightning import checkpoints, export, personalized
 from tea_lightning.components import text_parts
 from tea_lightning.inference import check_factors
+from tea_lightning.personalized import LearnedRows, Personalized
 from tea_lightning.tea import adjust
 
 BAKE_JSON = "tea-bake.json"
@@ -132,7 +132,7 @@ def bake(checkpoint: str | Path | Sequence[str | Path], out: str | Path, *, rho:
                             "infer.py to generate with it.")
     if not source.embeddings and source.module is None:
         raise unbakeable
-    model = checkpoints.build(source, found, pretrained, concept_reduce)
+    model = personalized.build(source, found, pretrained, concept_reduce)
     if not model.rows:  # a .ckpt of a method without learned tokens
         raise unbakeable
     tokens = baked_tokens(model, rho, alpha)

@@ -37,7 +37,6 @@ resumed).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
@@ -53,18 +52,19 @@ from diffusers import (
     EulerDiscreteScheduler,
     PNDMScheduler,
 )
-from PIL import Image, ImageDraw, ImageFont
-from torch import Tensor
+from PIL import Image
 from tqdm.auto import tqdm
 
-from tea_lightning import checkpoints
+from tea_lightning import checkpoints, personalized
 from tea_lightning.adapters import adapters_disabled
-from tea_lightning.checkpoints import Concept, Personalized, Source
+from tea_lightning.checkpoints import Concept
 from tea_lightning.components import text_parts
 from tea_lightning.conditioning import PromptEmbeds, pipeline_arguments, split, widths
 from tea_lightning.conditioning import encode as encode_conditioning
 from tea_lightning.devices import resolve_device
 from tea_lightning.export import check_writable_folder, remove_stale_temporaries, write_json, write_png
+from tea_lightning.grids import table
+from tea_lightning.personalized import Personalized
 from tea_lightning.prompting import Prompt, pairing, parse_prompt, token_spans
 from tea_lightning.seeding import sample_seed
 from tea_lightning.tea import adjust
@@ -79,9 +79,6 @@ RUN_JSON = "run.json"
 MAX_IMAGES = 100_000
 GRID = "grid.png"
 GRID_IMAGES = 4  # images per prompt and setting shown in the grid; the files hold them all
-THUMBNAIL = 256  # grid cells are at most this many pixels wide
-SMALL_CELL = 96  # and small images grow to at least this many
-GAP = 10  # pixels between the grid's rows and between its settings
 
 
 @dataclass
@@ -247,55 +244,6 @@ def render_jobs(model: Personalized, prompts: Sequence[Prompt], jobs: Sequence[t
                   guidance=guidance, resolution=resolution)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    """`text` in lines of at most `width` characters, broken between words."""
-    lines = [""]
-    for word in text.split():
-        if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
-            lines.append("")
-        lines[-1] = f"{lines[-1]} {word}".strip()
-    return lines
-
-
-def table(cells: Sequence[Sequence[Sequence[Image.Image]]], rows: Sequence[str], columns: Sequence[str],
-          cell: int = THUMBNAIL) -> Image.Image:
-    """Images laid out as a table: one row per prompt (labelled on the left), one column per setting (headed on
-    top); `cells[r][c]` are the images of prompt r under setting c, side by side.
-
-    Large images shrink to `cell` pixels; small ones (the 32 px `mini` world) grow, pixel for pixel, to at least
-    `SMALL_CELL`, so that a person can see what they show."""
-    images = [image for row in cells for column in row for image in column]
-    size = min(cell, max(SMALL_CELL, max(image.width for image in images)))
-    per_cell = max(len(column) for row in cells for column in row)
-    font = _font(14)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_lines = [_wrap(text, 28) for text in rows]
-    left = 12 + max(int(measure.textlength(line, font=font)) for lines in label_lines for line in lines)
-    widths = [max(per_cell * (size + 2) - 2, int(measure.textlength(header, font=font)) + 4) for header in columns]
-    starts = [left + sum(widths[:c]) + GAP * c for c in range(len(columns))]
-    top = 26
-    grid = Image.new("RGB", (starts[-1] + widths[-1] + GAP, top + len(rows) * (size + GAP)), "white")
-    draw = ImageDraw.Draw(grid)
-    for x, header in zip(starts, columns, strict=True):
-        draw.text((x, 5), header, fill="black", font=font)
-    for r, (row, lines) in enumerate(zip(cells, label_lines, strict=True)):
-        y = top + r * (size + GAP)
-        for k, line in enumerate(lines):
-            draw.text((6, y + max(0, size // 2 - 9 * len(lines)) + 18 * k), line, fill="black", font=font)
-        for x, column in zip(starts, row, strict=True):
-            for i, image in enumerate(column):
-                resample = Image.Resampling.NEAREST if image.width < size else Image.Resampling.BICUBIC
-                grid.paste(image.convert("RGB").resize((size, size), resample), (x + i * (size + 2), y))
-    return grid
-
-
 # ------------------------------------------------------------------------------------------------ generate
 
 
@@ -346,32 +294,6 @@ def _check_out(out: Path, settings: dict) -> None:
     if differ:
         raise ValueError(f"out={str(out)!r} holds images made with other settings ({'; '.join(differ)}). Choose a "
                          "new --out folder or delete this one; nothing was overwritten.")
-
-
-def checkpoint_fingerprint(source: Source) -> str:
-    """What a checkpoint holds, as 16 hex digits of a SHA-256 over every tensor (name, dtype, shape and bytes) and the
-    bytes of its LoRA file.
-
-    A resumed output folder is matched by this, not by the checkpoint's path: a file replaced at the same path is
-    another checkpoint, and the same file moved elsewhere is the same one.
-    """
-    tensors: dict[str, Tensor] = {}
-    for token, rows in source.embeddings.items():  # one [k, D_e] per text encoder
-        tensors.update({f"embeddings/{token}/{i}": r for i, r in enumerate(rows)})
-    tensors.update({f"custom_diffusion/{name}": t for name, t in (source.custom_diffusion or {}).items()})
-    if source.module is not None:
-        tensors.update({f"module/{name}": t for name, t in source.module.trainable_state_dict().items()})
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    if source.lora is not None:  # installed from the file by diffusers' own loader: its bytes are what counts
-        digest.update(b"lora|")
-        with open(source.lora, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _resolve_device(device: str | None, dtype: str) -> tuple[torch.device, str]:
@@ -462,9 +384,9 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
     if target == "modifier":
         found = checkpoints.modifier_targets(found, list(source.embeddings))
     parsed = [parse_prompt(p, found) for p in prompts]
-    base = checkpoints.base_model(source, pretrained)
+    base = personalized.base_model(source, pretrained)
     # The checkpoint is known by its content: a folder resumes only with the very tensors that started it.
-    settings = {"checkpoint_fingerprint": checkpoint_fingerprint(source), "base_model": base,
+    settings = {"checkpoint_fingerprint": checkpoints.fingerprint(source), "base_model": base,
                 "prompts": [p.text for p in parsed],
                 "negative_prompt": negative_prompt or "", "seed": seed, "scheduler": scheduler, "steps": steps,
                 "guidance": float(guidance), "resolution": resolution, "mode": mode, "align": align,
@@ -473,7 +395,7 @@ def generate(checkpoint: str | Path | Sequence[str | Path], prompts: Sequence[st
                 "concept_reduce": concept_reduce, "dtype": dtype}
     _check_out(out, settings)
 
-    model = checkpoints.build(source, found, pretrained, concept_reduce)
+    model = personalized.build(source, found, pretrained, concept_reduce)
     pipe = model.pipe
     parsed = [parse_prompt(p, model.concepts) for p in prompts]  # with multi-vector phrases
     for prompt in parsed:
@@ -543,7 +465,7 @@ def sample_grid(module, templates: Sequence[str], *, rho: float = 0.2, alpha: fl
                 scheduler: str = "dpm") -> Image.Image:
     """Baseline and TEA images of a method's current state, as a table: one row per template, one column per
     setting. Used by the `SampleImages` callback; runs on the module's own parts, in their precision."""
-    model = checkpoints.from_module(module, make_scheduler(scheduler, module.noise_scheduler.config))
+    model = personalized.from_module(module, make_scheduler(scheduler, module.noise_scheduler.config))
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     prompts = [parse_prompt(t, model.concepts) for t in templates]

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from helpers import cd_module, ti_module
-from tea_lightning import checkpoints
+from tea_lightning import checkpoints, personalized
 from tea_lightning.bake import BAKE_JSON, bake, main
 from tea_lightning.export import LORA_WEIGHTS
 from tea_lightning.inference import Setting, prompt_embeddings
@@ -36,7 +36,7 @@ def _stock_embeddings(pipe, prompt: str) -> torch.Tensor:
 
 def _our_embeddings(checkpoint, prompt: str, setting: Setting, **concepts) -> torch.Tensor:
     source = checkpoints.read(checkpoint)
-    model = checkpoints.build(source, checkpoints.resolve_concepts(source.concepts, **concepts), pretrained="tiny")
+    model = personalized.build(source, checkpoints.resolve_concepts(source.concepts, **concepts), pretrained="tiny")
     return prompt_embeddings(model, [parse_prompt(prompt, model.concepts)], setting, level="token").states
 
 

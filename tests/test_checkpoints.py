@@ -10,10 +10,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
 from helpers import kohya_module_names, make_trainer, star_data, ti_module
-from tea_lightning import checkpoints
-from tea_lightning.checkpoints import Concept, Personalized
+from tea_lightning import checkpoints, personalized
+from tea_lightning.checkpoints import Concept
 from tea_lightning.export import CUSTOM_DIFFUSION_WEIGHTS, LORA_WEIGHTS
 from tea_lightning.inference import Setting, encode, generate, make_scheduler, render_jobs
+from tea_lightning.personalized import Personalized
 from tea_lightning.prompting import parse_prompt
 from tea_lightning.tiny import HIDDEN, tiny_pipeline
 
@@ -42,7 +43,7 @@ def _load(path, **kwargs) -> Personalized:
     source = checkpoints.read(path)
     concepts = checkpoints.resolve_concepts(source.concepts, kwargs.pop("concept_word", None),
                                             kwargs.pop("concepts", None))
-    return checkpoints.build(source, concepts, pretrained=kwargs.pop("pretrained", "tiny"), **kwargs)
+    return personalized.build(source, concepts, pretrained=kwargs.pop("pretrained", "tiny"), **kwargs)
 
 
 def _save_lora(folder):
@@ -359,7 +360,7 @@ def test_a_lightning_checkpoint_loads_like_its_export(files, tmp_path):
     torch.save(checkpoint, tmp_path / "rebuilt.ckpt")
     source = checkpoints.read(tmp_path / "rebuilt.ckpt")
     assert source.module is not None
-    rebuilt = checkpoints.build(source, source.concepts)
+    rebuilt = personalized.build(source, source.concepts)
     assert rebuilt.concepts[0].keyword == "<v> <v>_1"
     np.testing.assert_array_equal(_image(rebuilt, "a photo of <v> <v>_1 in the snow"), _image(from_export, prompt))
 

@@ -9,9 +9,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from tea_lightning import checkpoints, inference
-from tea_lightning.checkpoints import Concept, Personalized
-from tea_lightning.inference import SMALL_CELL, Setting, encode, generate, prompt_embeddings
+from tea_lightning import checkpoints, inference, personalized
+from tea_lightning.checkpoints import Concept
+from tea_lightning.grids import SMALL_CELL
+from tea_lightning.inference import Setting, encode, generate, prompt_embeddings
+from tea_lightning.personalized import Personalized
 from tea_lightning.prompting import parse_prompt, read_prompts_file
 from tea_lightning.tea import adjust
 from tea_lightning.tiny import HIDDEN, tiny_pipeline
@@ -245,7 +247,7 @@ def test_dreambooth_checkpoints_default_to_the_authors_rho_of_0_1_and_others_to_
 def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embeddings):
     source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(embeddings["dog"])])
     concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "<d>=dog"])
-    model = checkpoints.build(source, concepts, pretrained="tiny")
+    model = personalized.build(source, concepts, pretrained="tiny")
     prompt = parse_prompt("a photo of <m> touching a <d>", model.concepts)
     with torch.no_grad():
         full = prompt_embeddings(model, [prompt], Setting(1.0, 1.0), level="token").states
@@ -257,7 +259,7 @@ def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embed
 
 def test_multi_vector_tokens_expand_and_every_vector_is_adjusted(embeddings):
     source = checkpoints.read(embeddings["v"])
-    model = checkpoints.build(source, checkpoints.resolve_concepts(source.concepts, "star"), pretrained="tiny")
+    model = personalized.build(source, checkpoints.resolve_concepts(source.concepts, "star"), pretrained="tiny")
     prompt = parse_prompt("a photo of <v>", model.concepts)
     assert prompt.model_text == "a photo of <v> <v>_1"
     with torch.no_grad():
@@ -299,7 +301,7 @@ def test_a_lora_and_an_embedding_together_each_get_their_own_level(embeddings, t
     lora_module(rank=2).export(tmp_path, step=0)
     source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(tmp_path / LORA_WEIGHTS)])
     concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "sks circle=circle"])
-    model = checkpoints.build(source, concepts, pretrained="tiny")
+    model = personalized.build(source, concepts, pretrained="tiny")
     assert [(c.keyword, c.learned) for c in model.concepts] == [("<m>", True), ("sks circle", False)]
     prompt = parse_prompt("a photo of <m> next to sks circle", model.concepts)
     tokenizer = model.pipe.tokenizer
@@ -329,7 +331,7 @@ def test_a_lora_replaced_at_the_same_path_is_another_checkpoint_for_resume(tmp_p
     from tea_lightning.export import LORA_WEIGHTS
 
     lora_module(rank=2).export(tmp_path, step=0)
-    first = inference.checkpoint_fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS))
-    assert inference.checkpoint_fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS)) == first
+    first = checkpoints.fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS))
+    assert checkpoints.fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS)) == first
     lora_module(rank=2, seed=1).export(tmp_path, step=0)
-    assert inference.checkpoint_fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS)) != first
+    assert checkpoints.fingerprint(checkpoints.read(tmp_path / LORA_WEIGHTS)) != first

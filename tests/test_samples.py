@@ -7,7 +7,7 @@ from PIL import Image
 
 from helpers import make_trainer, star_data, ti_module
 from tea_lightning.callbacks import SampleImages
-from tea_lightning.inference import SMALL_CELL
+from tea_lightning.grids import SMALL_CELL
 
 
 def test_sample_grids_are_logged_every_n_steps_and_training_ends_as_without_them(tmp_path):

@@ -22,7 +22,7 @@ from helpers import (
     star_data,
     ti_module,
 )
-from tea_lightning import checkpoints, conditioning
+from tea_lightning import checkpoints, conditioning, personalized
 from tea_lightning import drift_report as report
 from tea_lightning.callbacks import CollapseAlarm, ContextualDrift, EmbeddingDrift, Export
 from tea_lightning.checkpoints import Concept
@@ -43,7 +43,7 @@ def _build(path, pretrained, **kwargs):
     source = checkpoints.read(path)
     concepts = checkpoints.resolve_concepts(source.concepts, kwargs.pop("concept_word", None),
                                             kwargs.pop("concepts", None))
-    return checkpoints.build(source, concepts, pretrained=str(pretrained), **kwargs)
+    return personalized.build(source, concepts, pretrained=str(pretrained), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +297,7 @@ def test_token_level_tea_pulls_each_encoders_row_to_its_concept_row_and_the_pool
 
 
 def test_prompt_level_tea_adjusts_each_encoders_part_and_the_pooled_towards_the_target():
-    model = checkpoints.Personalized(tiny_sdxl_pipeline(), [Concept("sks star", "star")], [], "test", "tiny-sdxl")
+    model = personalized.Personalized(tiny_sdxl_pipeline(), [Concept("sks star", "star")], [], "test", "tiny-sdxl")
     prompt = parse_prompt("a photo of sks star wearing glasses", model.concepts)
     with torch.no_grad():
         embeds = encode(model.pipe, [prompt.model_text])

@@ -13,7 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1]
 PACKAGE = ROOT / "tea_lightning"
 METHODS = {f"tea_lightning.{name}" for name in ("textual_inversion", "dreambooth_lora", "custom_diffusion", "module")}
-GENERATION = [f"tea_lightning.{name}" for name in ("inference", "checkpoints", "export", "tea", "drift")]
+GENERATION = [
+    f"tea_lightning.{name}"
+    for name in ("inference", "checkpoints", "personalized", "bake", "export", "tea", "drift")
+]
 
 
 def module_files() -> dict[str, Path]:

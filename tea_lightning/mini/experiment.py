@@ -43,7 +43,7 @@ from PIL import Image
 
 from tea_lightning.drift_report import drift_report
 from tea_lightning.export import write_json, write_png
-from tea_lightning.inference import table
+from tea_lightning.grids import table
 from tea_lightning.mini.concept import KEYWORDS, METHODS, train
 from tea_lightning.mini.labelled import ATTRIBUTES, agreement, load_labels
 from tea_lightning.mini.readout import load_readout, pil_batch, read
