@@ -21,8 +21,6 @@ Each file's safetensors metadata records rho, alpha, the concept word and the ba
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from tea_lightning.components import text_parts
 from tea_lightning.inference import check_factors
 from tea_lightning.personalized import LearnedRows, Personalized
 from tea_lightning.tea import adjust
+from tea_lightning.user_errors import OneLineParser, run_command
 
 BAKE_JSON = "tea-bake.json"
 
@@ -142,7 +141,12 @@ def bake(checkpoint: str | Path | Sequence[str | Path], out: str | Path, *, rho:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    """`python -m tea_lightning.bake CHECKPOINT...`; a user error is one line and exit code 2."""
+    run_command(_bake_command, None if argv is None else list(argv), prog="-m tea_lightning.bake")
+
+
+def _bake_command(argv: list[str] | None) -> None:
+    parser = OneLineParser(
         prog="python -m tea_lightning.bake", description="Write TEA-adjusted embedding files (AUTOMATIC1111, "
         "ComfyUI, diffusers) of a checkpoint's learned tokens, so other tools get TEA without tea-lightning.")
     parser.add_argument("checkpoint", nargs="+", help="export folder, .ckpt or embedding file(s)")
@@ -165,7 +169,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message says what to change
-        sys.exit(f"bake: error: {error}")
+    main()

@@ -23,6 +23,7 @@ from tea_lightning import scoring
 from tea_lightning.evaluation import evaluate
 from tea_lightning.export import write_bytes
 from tea_lightning.summary import METRIC_NAMES, METRICS
+from tea_lightning.user_errors import run_command
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 CSV_NAME, PLOT_NAME = "step_metrics.csv", "step_metrics.png"
@@ -44,8 +45,8 @@ def step_exports(run: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def step_metrics(run: str, prompts: str, references: str, out: str | None = None, concept_word: str | None = None,
-                 prompt_class: str | None = None, anchor_image: str | None = None,
+def step_metrics(run: str, prompts: str | None = None, references: str | None = None, out: str | None = None,
+                 concept_word: str | None = None, prompt_class: str | None = None, anchor_image: str | None = None,
                  rhos: list[float] | None = None, alphas: list[float] | None = None, num_images: int = 4,
                  max_prompts: int | None = None, seed: int = 0, clip_model: str = scoring.DEFAULT_CLIP,
                  dino_model: str = scoring.DEFAULT_DINO, dino_pooling: Literal["mean", "cls"] = "mean",
@@ -55,8 +56,8 @@ def step_metrics(run: str, prompts: str, references: str, out: str | None = None
 
     Args:
         run: The run folder (holding exports/step-NNNNNN/).
-        prompts: Evaluation CSV or shipped set (celeba, customconcept101), as for evaluate.py.
-        references: Folder of the concept's reference images.
+        prompts: Evaluation CSV or shipped set (celeba, customconcept101), as for evaluate.py (required).
+        references: Folder of the concept's reference images (required).
         out: Output folder; default `<run>/step_metrics`.
         concept_word: Word filling the CLIP-T texts (default: the exports').
         prompt_class: Rows of the CSV's class column (default: the concept word's).
@@ -79,6 +80,10 @@ def step_metrics(run: str, prompts: str, references: str, out: str | None = None
     Returns:
         The path of step_metrics.csv.
     """
+    for name, value, what in (("prompts", prompts, "an evaluation CSV or a shipped set (celeba, customconcept101)"),
+                              ("references", references, "the folder of the concept's training images")):
+        if value is None:
+            raise ValueError(f"{name} is missing; pass --{name}, {what}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r}: evaluate every n-th export, n a whole number of at least 1")
     exports = step_exports(Path(run))
@@ -161,9 +166,11 @@ def plot(csv_path: Path, png: Path, drift_csv: Path | None = None) -> bool:
 
 
 def main(args: list[str] | None = None) -> Any:
+    """`python -m tea_lightning.step_metrics RUN`; a user error is one line and exit code 2."""
     from jsonargparse import auto_cli
 
-    path = auto_cli(step_metrics, args=args, as_positional=True)
+    path = run_command(lambda argv: auto_cli(step_metrics, args=argv, as_positional=True, exit_on_error=False), args,
+                       prog="-m tea_lightning.step_metrics")
     print(f"step_metrics: wrote {path}")
     return path
 

@@ -1,4 +1,7 @@
-"""User errors of the command lines (`train.py`, `infer.py`, `evaluate.py`): one line, exit code 2, no traceback.
+"""User errors of the command lines: one line, exit code 2, no traceback.
+
+The command lines are `train.py`, `infer.py`, `evaluate.py` and the tools run with `python -m tea_lightning.<tool>`
+(`bake`, `drift_report`, `step_metrics`).
 
 A user error is a mistake in what the user asked for, found before any work starts: a `ValueError` or
 `FileNotFoundError` raised by tea-lightning's own checks (their messages name the bad value and the fix), an
@@ -12,9 +15,9 @@ from __future__ import annotations
 
 import re
 import sys
-from argparse import ArgumentError
+from argparse import ArgumentError, ArgumentParser
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 USAGE_ERROR = 2  # the exit code argparse uses for bad arguments
 _OUR_MODULES = ("tea_lightning", "__main__", "train", "infer", "evaluate")
@@ -81,6 +84,13 @@ def _argument_message(text: str, prog: str) -> str:
     if owner:
         where = f"{where} ({owner})"
     return f"{where}: {detail}. {help_hint[0].upper()}{help_hint[1:]}" if key or owner else f"{detail}. {help_hint}"
+
+
+class OneLineParser(ArgumentParser):
+    """An argparse parser whose refusals reach `run_command` as `ArgumentError`s instead of usage text and exit."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ArgumentError(None, message)
 
 
 def user_error_message(error: BaseException, prog: str) -> str | None:

@@ -21,9 +21,11 @@ import evaluate
 import infer
 import train
 from helpers import ROOT, STAR_IMAGES, ti_module
+from tea_lightning import bake, drift_report, step_metrics
 from tea_lightning.user_errors import run_command
 
 MAINS = {"train": train.main, "infer": infer.main, "evaluate": evaluate.main}
+TOOLS = {"bake": bake.main, "step_metrics": step_metrics.main, "drift_report": drift_report.main}
 
 
 def fake_png(path: Path, width: int, height: int) -> None:
@@ -105,7 +107,13 @@ class Case:
                       "--steps", "1"],
             "evaluate": ["--out", "{bad}/eval", "--prompts", "celeba", "--references", str(STAR_IMAGES),
                          "--checkpoint", "{bad}/export"],
+            # the tools take their run or checkpoint as the first argument, given by each case
+            "bake": ["--out", "{bad}/baked"],
+            "step_metrics": ["--prompts", "celeba", "--references", str(STAR_IMAGES), "--out", "{bad}/steps"],
+            "drift_report": ["--out", "{bad}/drift"],
         }[self.command]
+        if self.command in TOOLS:
+            return [a.replace("{bad}", str(bad)) for a in self.args[:1] + base + self.args[1:]]
         return [a.replace("{bad}", str(bad)) for a in base + self.args]
 
 
@@ -198,6 +206,20 @@ CASES = [
     evaluate_case("--out", "{bad}/a_file", named="a_file"),
     evaluate_case("--clip_model", "/no/such/clip", named="/no/such/clip"),
 ]
+TOOL_CASES = [
+    Case("bake", ["{bad}/nothing-here"], named="nothing-here"),
+    Case("bake", ["{bad}/empty.ckpt"], named="empty.ckpt"),
+    Case("bake", ["{bad}/export", "--rho", "1.5"], named="rho=1.5"),
+    Case("bake", ["{bad}/export", "--alpha", "x"], named="'x'"),
+    Case("bake", ["{bad}/export", "--out", "{bad}/a_file"], named="a_file"),
+    Case("bake", ["{bad}/export", "--out", "{bad}/foreign"], named="foreign"),
+    Case("bake", ["{bad}/export", "--concept", "no-equals-sign"], named="no-equals-sign"),
+    Case("step_metrics", ["{bad}/nowhere"], named="nowhere"),
+    Case("step_metrics", ["{bad}/run"], named="/run"),
+    Case("drift_report", ["{bad}/nowhere"], named="nowhere"),
+    Case("drift_report", ["{bad}/run"], named="/run"),
+    Case("drift_report", ["{bad}/run", "--batch_size", "many"], named="'many'"),
+]
 if not torch.cuda.is_available():
     CASES += [infer_case("--device", "cuda", named="'cuda'"), evaluate_case("--device", "cuda", named="'cuda'")]
 
@@ -206,13 +228,16 @@ def snapshot(folder: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c.command}:{' '.join(c.args)[:60]}")
+@pytest.mark.parametrize("case", CASES + TOOL_CASES, ids=lambda c: f"{c.command}:{' '.join(c.args)[:60]}")
 def test_a_bad_input_ends_with_one_line_naming_it_exit_code_2_and_nothing_written(case, bad, capfd, monkeypatch):
     monkeypatch.chdir(ROOT)  # the shipped configs name their files relative to the repository
     before = snapshot(bad)
     capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_command(MAINS[case.command], case.argv(bad), prog=f"{case.command}.py")
+        if case.command in TOOLS:  # each tool's main is its own console entry: it runs run_command itself
+            TOOLS[case.command](case.argv(bad))
+        else:
+            run_command(MAINS[case.command], case.argv(bad), prog=f"{case.command}.py")
     err = capfd.readouterr().err.splitlines()
     assert exit_info.value.code == 2, err
     assert len(err) == 1 and err[0].startswith("error: "), f"a user sees more than one line: {err}"
