@@ -126,3 +126,70 @@ def test_the_progress_bar_counts_optimiser_steps_of_the_whole_run(tmp_path, capf
     trainer.fit(ti_module(), star_data(repeats=1))  # 3 steps per epoch: the bar must run on across epochs
     out = capfd.readouterr().out  # Lightning's bars write to stdout
     assert "Steps: 100%" in out and "6/6" in out
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `python ...` command line in the README's bash blocks, continuation lines joined, comments cut."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:1] == ["python"]:
+                commands.append(words[1:])
+    return commands
+
+
+def command_main(words: list[str]):
+    """The in-process `main` of a command line and its arguments."""
+    import evaluate
+    import infer
+    from tea_lightning import bake, drift_report, step_metrics
+
+    scripts = {"train.py": train.main, "infer.py": infer.main, "evaluate.py": evaluate.main}
+    tools = {"tea_lightning.bake": bake.main, "tea_lightning.drift_report": drift_report.main,
+             "tea_lightning.step_metrics": step_metrics.main}
+    if words[0] == "-m":
+        return tools[words[1]], words[2:]
+    return scripts[words[0]], words[1:]
+
+
+README_COMMANDS = [c for c in readme_commands() if c[:2] != ["-m", "tea_lightning.bake"]]
+
+
+def test_the_readme_shows_a_command_of_every_entry_point():
+    shown = {" ".join(c[:2]) if c[0] == "-m" else c[0] for c in readme_commands()}
+    assert shown >= {"train.py", "infer.py", "evaluate.py", "-m tea_lightning.bake", "-m tea_lightning.drift_report",
+                     "-m tea_lightning.step_metrics"}
+
+
+@pytest.mark.parametrize("words", README_COMMANDS, ids=lambda c: " ".join(c)[:70])
+def test_every_command_the_readme_shows_parses_as_written(words, monkeypatch, capsys):
+    # A user copies these lines; an option spelt as no parser knows it fails before any work. Parsing only:
+    # --print_config prints the resolved options and exits, so no model is built and nothing is read.
+    # (The bake command is plain argparse without --print_config: test_bake runs it as the README writes it.)
+    monkeypatch.chdir(ROOT)
+    main, args = command_main(words)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
+def test_the_command_in_each_config_header_parses_as_written(config, monkeypatch, capsys):
+    import re
+    import shlex
+
+    from tea_lightning.mini import full_finetune
+
+    monkeypatch.chdir(ROOT)
+    found = re.search(r"^#\s+python (train\.py|-m tea_lightning\.mini\.full_finetune) (fit .*)$", config.read_text(),
+                      re.M)
+    assert found, f"{config.name} shows no command line in its header"
+    main = train.main if found.group(1) == "train.py" else full_finetune.main
+    with pytest.raises(SystemExit) as exit_info:
+        main([*shlex.split(found.group(2), comments=True), "--print_config"])
+    assert exit_info.value.code in (0, None), capsys.readouterr().err
