@@ -263,6 +263,8 @@ def test_a_library_error_that_is_not_a_user_error_keeps_its_traceback():
     ("train.py", ["fit", "--config", "configs/demo.yaml", "--model.init_args.concept_word", "teddy bear"]),
     ("infer.py", ["--checkpoint", "nowhere/exports/final", "--prompt", "a {}"]),
     ("evaluate.py", ["--out", "nowhere", "--rhos", "[1.5]"]),
+    ("-m", ["tea_lightning.mini.full_finetune", "fit", "--config", "configs/mini_world.yaml", "--trainer.max_steps",
+            "many"]),
 ])
 def test_the_real_console_shows_one_line_and_no_traceback(script, args):
     # A hang guard, not a speed claim: the command stops before any model is trained.

@@ -75,11 +75,13 @@ def main(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     return LightningCLI(FullFineTune, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                        args=args, run=run, save_config_kwargs={"overwrite": True})
+                        args=args, run=run, save_config_kwargs={"overwrite": True},
+                        parser_kwargs={"exit_on_error": False})
 
 
 if __name__ == "__main__":
     # Run the package's copy of this module: classes defined in `__main__` are not the ones the config names.
     from tea_lightning.mini.full_finetune import main as package_main
+    from tea_lightning.user_errors import run_command
 
-    package_main()
+    run_command(package_main, prog="-m tea_lightning.mini.full_finetune")
