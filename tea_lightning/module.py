@@ -34,6 +34,8 @@ from tea_lightning.tokens import LearnedTokens
 # workers: Lightning's generic warnings about both are noise here.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined.*")
+# Lightning 2.6's own batch flattening calls an API that newer torch deprecates; nothing a user can change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated.*")
 
 _HALF = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
