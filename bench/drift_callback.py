@@ -22,21 +22,26 @@ import contextlib
 import os
 import platform
 import subprocess
+import sys
 import time
 from datetime import date
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tea_lightning import drift
-from tea_lightning.callbacks import ContextualDrift
-from tea_lightning.module import DiffusionModule
-from tea_lightning.prompt_sets import contextual_set, fill, simple_set
-from tea_lightning.tiny import tiny_pipeline
-from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `python bench/drift_callback.py`
+    sys.path.insert(0, str(ROOT))
 
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, vocab_size=49408)
+from bench.models import CLIP_L  # noqa: E402
+from tea_lightning import drift  # noqa: E402
+from tea_lightning.callbacks import ContextualDrift  # noqa: E402
+from tea_lightning.module import DiffusionModule  # noqa: E402
+from tea_lightning.prompt_sets import contextual_set, fill, simple_set  # noqa: E402
+from tea_lightning.tiny import tiny_pipeline  # noqa: E402
+from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id  # noqa: E402
+
 TI_FWD_BWD_OVER_FWD = 1669.2 / 803.3  # users-and-costs.md §2.1: UNet fwd+bwd with grad to the context only / fwd
 
 
@@ -170,12 +175,13 @@ def main() -> None:
     rows = [compare("tiny (hidden 32, 2 layers)",
                     TextOnlyTextualInversion(tiny.tokenizer, tiny.text_encoder).to(device), None, args.repeats,
                     args.batch_size, autocast)]
-    sd15_encoder = CLIPTextModel(CLIPTextConfig(**SD15_TEXT))
+    sd15_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L))
     rows.append(compare("SD 1.5 text encoder (768, 12 layers), random weights",
                         TextOnlyTextualInversion(tiny_pipeline().tokenizer, sd15_encoder).to(device), args.prompts,
                         args.repeats, args.batch_size, autocast))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads); device {device}, bf16 {args.bf16}; "

@@ -28,25 +28,31 @@ from __future__ import annotations
 import math
 import platform
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from tea_lightning import drift
-from tea_lightning.drift_measure import encode_set
-from tea_lightning.drift_report import load_text_parts
-from tea_lightning.prompt_sets import contextual_set, fill, load_templates
-from tea_lightning.tea import adjust
-from tea_lightning.tiny import tiny_pipeline
-from tea_lightning.tokens import add_new_tokens, single_token_id
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: `python bench/mahalanobis_shrinkage.py`
+    sys.path.insert(0, str(ROOT))
+
+from bench.models import CLIP_L  # noqa: E402
+from tea_lightning import drift  # noqa: E402
+from tea_lightning.conditioning import tokenize  # noqa: E402
+from tea_lightning.drift_measure import encode_set  # noqa: E402
+from tea_lightning.drift_report import load_text_parts  # noqa: E402
+from tea_lightning.prompt_sets import contextual_set, fill, load_templates  # noqa: E402
+from tea_lightning.tea import adjust  # noqa: E402
+from tea_lightning.tiny import tiny_pipeline  # noqa: E402
+from tea_lightning.tokens import add_new_tokens, single_token_id  # noqa: E402
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)
 LEVELS = 6
 SENTENCES = 120  # per set: fewer than 768 dimensions as in the paper, and a run of a few minutes on 2 cores
-SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                 max_position_embeddings=77, vocab_size=49408)
 
 
 def drift_path(concept: torch.Tensor, levels: int, seed: int = 0) -> list[torch.Tensor]:
@@ -64,21 +70,17 @@ def drift_path(concept: torch.Tensor, levels: int, seed: int = 0) -> list[torch.
 def encodings(tokenizer, encoder, templates: list[str], concept_word: str,
               hidden_state: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """P(c) and P(V*) at every drift level (fp32 encodings, as training logs them)."""
-    table = encoder.get_input_embeddings()
     (token_id,) = add_new_tokens(tokenizer, ["<v>"])
     encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     table = encoder.get_input_embeddings()
     concept = table.weight[single_token_id(tokenizer, concept_word)].detach().double()
 
-    def tokenize(prompts: list[str]) -> torch.Tensor:
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
     def encode(word: str) -> torch.Tensor:
         prompts = [fill(t, word) for t in templates]
         with torch.no_grad():
-            return encode_set(lambda batch: encoder(tokenize(batch))[0], prompts, tokenize(prompts),
-                              tokenizer.eos_token_id, hidden_state, 50)
+            (pooled,) = encode_set(lambda batch: encoder(tokenize(tokenizer, batch))[0], prompts,
+                                   tokenize(tokenizer, prompts), tokenizer.eos_token_id, hidden_state, 50)
+        return pooled
 
     p_concept = encode(concept_word)
     p_keyword = []
@@ -140,18 +142,19 @@ def evaluate(name: str, tokenizer, encoder, templates: list[str], concept_word: 
 
 
 def main() -> None:
-    mini_tokenizer, mini_encoder = load_text_parts("mini")
-    star = load_templates("tea_lightning/prompts/mini/contextual_star.txt")
+    (mini_tokenizer,), (mini_encoder,) = load_text_parts("mini")
+    star = load_templates(str(ROOT / "tea_lightning/prompts/mini/contextual_star.txt"))
     results = evaluate("mini, last", mini_tokenizer, mini_encoder, star, "star", "last")
-    mini_tokenizer, mini_encoder = load_text_parts("mini")
+    (mini_tokenizer,), (mini_encoder,) = load_text_parts("mini")
     results += evaluate("mini, flatten", mini_tokenizer, mini_encoder, star[:SENTENCES], "star", "flatten")
     torch.manual_seed(0)
     tokenizer = tiny_pipeline().tokenizer
-    sd15 = CLIPTextModel(CLIPTextConfig(**SD15_TEXT)).eval()
+    sd15 = CLIPTextModel(CLIPTextConfig(**CLIP_L)).eval()
     results += evaluate("SD 1.5 size (random weights), last", tokenizer, sd15, contextual_set("man")[:SENTENCES], "man",
                         "last")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
     print(f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"commit {commit}\n")
     print("| encoder | d | n | shrinkage | tracks drift (Spearman) | fp32 vs fp64 | off-span change | "

@@ -41,6 +41,11 @@ def sd15_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=list(merges), model_max_length=77)
 
 
+# SD 1.5's text encoder, and SDXL's first one: CLIP ViT-L/14's text tower.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
+              hidden_act="quick_gelu")
+
+
 def _clip(config: dict, model: type = CLIPTextModel) -> CLIPTextModel:
     return model(CLIPTextConfig(vocab_size=CLIP_VOCAB, max_position_embeddings=77, layer_norm_eps=1e-5,
                                 bos_token_id=0, eos_token_id=2, pad_token_id=1, **config))
@@ -65,8 +70,7 @@ def sd15_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
         )
-        text_encoder = _clip(dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                  num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+        text_encoder = _clip(CLIP_L)
     # The tiny pipeline's scheduler is SD 1.x's PNDM schedule; everything else is replaced.
     parts = {**tiny_pipeline().components, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
              "unet": unet}
@@ -92,8 +96,7 @@ def sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
             block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu", scaling_factor=0.13025,
             force_upcast=True,
         )
-        text_encoder = _clip(dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                  num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"))
+        text_encoder = _clip(CLIP_L)
         text_encoder_2 = _clip(dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
                                     num_attention_heads=20, projection_dim=1280, hidden_act="gelu"),
                                CLIPTextModelWithProjection)
