@@ -6,7 +6,7 @@ path as any local folder.
 
 Two model families are supported and told apart by the model itself (its `model_index.json`): SD 1.x/2.x (one text
 encoder, `StableDiffusionPipeline`) and SDXL (two text encoders, `StableDiffusionXLPipeline`). Everything above
-this file treats "the text encoders" as a list (design decision 7); `tea_lightning.text` says how each family
+this file treats "the text encoders" as a list (design decision 7); `tea_lightning.conditioning` says how each family
 turns prompts into the UNet's conditioning.
 """
 

@@ -25,7 +25,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from tea_lightning.export import (
     TEA_JSON,
     read_tea_json,
     remove_stale_temporaries,
+    step_exports,
     write_bytes,
     write_json,
 )
@@ -62,7 +62,6 @@ from tea_lightning.prompt_sets import fill
 from tea_lightning.tokens import add_new_tokens, placeholder_tokens, single_token_id
 from tea_lightning.user_errors import run_command
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
                   "norm_percentile"]
 SET_COLUMNS = list(drift.SET_KEYS)
@@ -93,18 +92,7 @@ def find_exports(run: Path) -> tuple[dict[str, Any], list[Export]]:
     Args:
         run: A run folder holding `exports/`, or the `exports/` folder itself.
     """
-    run = Path(run)
-    if not run.is_dir():
-        raise FileNotFoundError(f"run folder {str(run)!r} does not exist; pass a run folder such as "
-                                "runs/demo/lightning_logs/version_0 (the one holding exports/)")
-    exports_dir = run / "exports" if (run / "exports").is_dir() else run
-    folders = sorted((int(m.group(1)), p) for p in exports_dir.iterdir()
-                     if p.is_dir() and (m := _STEP_DIR.match(p.name)))
-    if not folders:
-        raise FileNotFoundError(
-            f"no step-stamped exports (exports/step-NNNNNN/) under {str(run)!r}; drift_report reads the folders the "
-            "Export callback writes every every_n_steps steps: train with tea_lightning.callbacks.Export("
-            "every_n_steps=100) (as the shipped configs do) and pass that run's folder")
+    folders = step_exports(run, "drift_report")
     meta: dict[str, Any] | None = None
     exports = []
     for step, folder in folders:

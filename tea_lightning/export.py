@@ -231,6 +231,31 @@ def _alive(pid: str | None) -> bool:
     return True
 
 
+def step_exports(run: str | Path, command: str) -> list[tuple[int, Path]]:
+    """(step, folder) of every step-stamped export (`exports/step-NNNNNN/`, written by the `Export` callback) of a
+    run, in step order.
+
+    Args:
+        run: A run folder holding `exports/`, or the `exports/` folder itself.
+        command: The command that reads them, for the message when there are none.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {str(run)!r} does not exist; pass a run folder such as "
+                                "runs/demo/lightning_logs/version_0 (the one holding exports/)")
+    folder = run / "exports" if (run / "exports").is_dir() else run
+    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP.fullmatch(p.name)))
+    if not found:
+        raise FileNotFoundError(
+            f"no step-stamped exports (exports/step-NNNNNN/) under {str(run)!r}; {command} reads the folders the "
+            "Export callback writes every every_n_steps steps: train with tea_lightning.callbacks.Export("
+            "every_n_steps=100) (as the shipped configs do) and pass that run's folder")
+    return found
+
+
+_STEP = re.compile(r"step-(\d+)")
+
+
 def write_export_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
     """Create `folder` atomically: `fill` writes into a fresh temporary sibling that is then renamed into place,
     replacing an older export of the same name (a resumed run re-exporting a step)."""

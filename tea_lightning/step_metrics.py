@@ -15,34 +15,21 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from tea_lightning import scoring
+from tea_lightning.drift_measure import SETS_PREFIX, VECTOR_PREFIX, metric_key
 from tea_lightning.evaluation import evaluate
-from tea_lightning.export import write_bytes
+from tea_lightning.export import step_exports, write_bytes
 from tea_lightning.summary import METRIC_NAMES, METRICS
 from tea_lightning.user_errors import run_command
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 CSV_NAME, PLOT_NAME = "step_metrics.csv", "step_metrics.png"
 COLUMNS = ("step", "tag", "mode", "rho", "alpha", *METRICS, *[f"{m}_{end}" for m in METRICS for end in ("low", "high")])
-DRIFT_CURVES = ("drift/norm_ratio", "drift/cosine_concept", "drift_sets/inter_l2", "drift_sets/simple_l2")
-
-
-def step_exports(run: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every step-stamped export under `run` (or `run/exports`), in step order."""
-    run = Path(run)
-    folder = run / "exports" if (run / "exports").is_dir() else run
-    if not folder.is_dir():
-        raise FileNotFoundError(f"run folder {str(run)!r} does not exist; pass a run folder such as "
-                                "runs/ti/lightning_logs/version_0 (the one holding exports/)")
-    found = sorted((int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
-    if not found:
-        raise FileNotFoundError(f"no step-stamped exports (exports/step-NNNNNN/) under {str(run)!r}; train with "
-                                "tea_lightning.callbacks.Export(every_n_steps=100), as the shipped configs do")
-    return found
+# The text-space drift drawn beside the scores: (prefix, key) of the drift report's columns, per text encoder.
+DRIFT_CURVES = ((VECTOR_PREFIX, "norm_ratio"), (VECTOR_PREFIX, "cosine_concept"), (SETS_PREFIX, "inter_l2"),
+                (SETS_PREFIX, "simple_l2"))
 
 
 def step_metrics(run: str, prompts: str | None = None, references: str | None = None, out: str | None = None,
@@ -86,7 +73,7 @@ def step_metrics(run: str, prompts: str | None = None, references: str | None = 
             raise ValueError(f"{name} is missing; pass --{name}, {what}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every={every!r}: evaluate every n-th export, n a whole number of at least 1")
-    exports = step_exports(Path(run))
+    exports = step_exports(run, "step_metrics")
     exports = [e for i, e in enumerate(exports) if i % every == 0 or i == len(exports) - 1]
     out_dir = Path(out) if out is not None else Path(run) / "step_metrics"
     rows = []
@@ -121,6 +108,22 @@ def _overall_rows(summary_csv: Path) -> list[dict[str, str]]:
     return rows
 
 
+def drift_curves(drift_rows: list[dict[str, str]]) -> dict[str, list[tuple[int, float]]]:
+    """The `DRIFT_CURVES` of a drift report's rows, each relative to its first value: column → [(step, value)].
+    SDXL's report has a column per text encoder (`drift/clip_l/norm_ratio`, `drift/clip_g/norm_ratio`)."""
+    header = drift_rows[0].keys() if drift_rows else ()
+    count = 2 if metric_key(VECTOR_PREFIX, "norm_ratio", 1, 2) in header else 1
+    curves = {}
+    for e in range(count):
+        for prefix, key in DRIFT_CURVES:
+            column = metric_key(prefix, key, e, count)
+            points = [(int(r["step"]), float(r[column])) for r in drift_rows if r.get(column)]
+            if points:
+                first = points[0][1] or 1.0
+                curves[column] = [(step, value / first) for step, value in points]
+    return curves
+
+
 def plot(csv_path: Path, png: Path, drift_csv: Path | None = None) -> bool:
     """The five scores against the step (one line per setting) and, when `drift_csv` exists, the text-space drift
     curves of the same run beside them; False when matplotlib is missing."""
@@ -145,11 +148,8 @@ def plot(csv_path: Path, png: Path, drift_csv: Path | None = None) -> bool:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     drift_axis = axes[5]
-    for column in DRIFT_CURVES:
-        points = [(int(r["step"]), float(r[column])) for r in drift_rows if r.get(column)]
-        if points:
-            first = points[0][1] or 1.0
-            drift_axis.plot(*zip(*[(s, v / first) for s, v in points], strict=True), label=column)
+    for column, points in drift_curves(drift_rows).items():
+        drift_axis.plot(*zip(*points, strict=True), label=column)
     drift_axis.set_title("text-space drift (relative to the first export)")
     if drift_rows:
         drift_axis.set_xlabel("step")

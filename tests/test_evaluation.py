@@ -412,3 +412,19 @@ def test_step_metrics_evaluates_every_export_and_gathers_the_overall_scores_per_
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "steps").rglob("*.png") if "images" in p.parts}
     step_metrics(str(run_dir), **options)  # resumes: nothing is generated again
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "steps").rglob("*.png") if "images" in p.parts}
+
+
+@pytest.mark.parametrize("labels", [[""], ["clip_l/", "clip_g/"]], ids=["sd", "sdxl"])
+def test_the_step_plot_draws_the_drift_of_every_text_encoder_relative_to_its_start(labels):
+    # SDXL's drift report names each encoder in its columns; reading only SD's names left the panel empty.
+    from tea_lightning.step_metrics import drift_curves
+
+    rows = [{"step": str(step), **{f"{prefix}{label}{key}": str(value * (1 + e))
+                                   for e, label in enumerate(labels)
+                                   for prefix, key in (("drift/", "norm_ratio"), ("drift_sets/", "inter_l2"))}}
+            for step, value in ((0, 2.0), (100, 3.0), (200, 5.0))]
+    curves = drift_curves(rows)
+    assert set(curves) == {f"{prefix}{label}{key}" for label in labels
+                           for prefix, key in (("drift/", "norm_ratio"), ("drift_sets/", "inter_l2"))}
+    for points in curves.values():
+        assert points == [(0, 1.0), (100, 1.5), (200, 2.5)], "each curve is relative to its first export"

@@ -42,7 +42,7 @@ from pathlib import Path
 from PIL import Image
 
 from tea_lightning.drift_report import drift_report
-from tea_lightning.export import write_json, write_png
+from tea_lightning.export import step_exports, write_json, write_png
 from tea_lightning.grids import table
 from tea_lightning.mini.concept import KEYWORDS, METHODS, train
 from tea_lightning.mini.labelled import ATTRIBUTES, agreement, load_labels
@@ -194,14 +194,14 @@ def _method_images(method: str, exports: Path, seed: int, size: Size, forms: lis
                    readout) -> list[dict]:
     """Images of every export (curves; Textual Inversion) and of the last one (with the sweep, and the second
     prompt form), scored."""
-    steps = sorted(int(p.name.split("-")[1]) for p in exports.glob("step-*"))
+    found = step_exports(exports, "the mini experiment")
     main, other = forms[0], forms[1:]
     rows = []
-    for step in steps:
-        last = step == steps[-1]
+    for step, export in found:
+        last = step == found[-1][0]
         if not last and method != "textual_inversion":
             continue
-        export, folder = exports / f"step-{step:06d}", images_folder(work, step)
+        folder = images_folder(work, step)
         records = _generate(export, main, folder, seed, size, num_images=size.images if last else size.curve_images)
         if last and method == "textual_inversion":  # the sweep reuses the first images of the pair above
             turned = [r for r in size.rhos if r > 0]
@@ -431,7 +431,7 @@ def _read_csv(path: Path) -> list[dict]:
 def _grid(run_dir: Path, templates: list[str], keyword: str, images: int, path: Path) -> None:
     """Baseline against TEA of the last step, one row per prompt (labelled), `images` images per cell: the images of
     the first prompt form, the one `templates` holds."""
-    last = max(int(p.name.split("-")[1]) for p in (run_dir / "exports").glob("step-*"))
+    last = step_exports(run_dir, "the mini experiment")[-1][0]
     folder = images_folder(run_dir, last)
     cells = [[[Image.open(folder / tag / f"p{p:03d}-i{i:03d}.png").convert("RGB") for i in range(images)]
               for tag in ("baseline", TEA_TAG)] for p in range(len(templates))]
