@@ -40,7 +40,7 @@ from tea_lightning.callbacks import ContextualDrift  # noqa: E402
 from tea_lightning.module import DiffusionModule  # noqa: E402
 from tea_lightning.prompt_sets import contextual_set, fill, simple_set  # noqa: E402
 from tea_lightning.tiny import tiny_pipeline  # noqa: E402
-from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id  # noqa: E402
+from tea_lightning.tokens import LearnedTokens, add_token_rows, single_token_id  # noqa: E402
 
 TI_FWD_BWD_OVER_FWD = 1669.2 / 803.3  # users-and-costs.md §2.1: UNet fwd+bwd with grad to the context only / fwd
 
@@ -59,8 +59,7 @@ class TextOnlyTextualInversion(torch.nn.Module):
         super().__init__()
         self.tokenizer, self.text_encoder, self.concept_word = tokenizer, text_encoder.eval(), concept_word
         concept_id = single_token_id(tokenizer, concept_word)
-        (first_id,) = add_new_tokens(tokenizer, [self.keyword])
-        text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        (first_id,) = add_token_rows(tokenizer, text_encoder, [self.keyword])
         table = text_encoder.get_input_embeddings()
         concept = table.weight[concept_id].detach().float()
         noise = torch.randn(concept.shape, generator=torch.Generator().manual_seed(0)) / concept.numel() ** 0.5

@@ -48,7 +48,7 @@ from tea_lightning.drift_report import load_text_parts  # noqa: E402
 from tea_lightning.prompt_sets import contextual_set, fill, load_templates  # noqa: E402
 from tea_lightning.tea import adjust  # noqa: E402
 from tea_lightning.tiny import tiny_pipeline  # noqa: E402
-from tea_lightning.tokens import add_new_tokens, single_token_id  # noqa: E402
+from tea_lightning.tokens import add_token_rows, single_token_id  # noqa: E402
 
 SHRINKAGES = (0.0, 0.01, 0.1, 0.3, 1.0)
 LEVELS = 6
@@ -70,8 +70,7 @@ def drift_path(concept: torch.Tensor, levels: int, seed: int = 0) -> list[torch.
 def encodings(tokenizer, encoder, templates: list[str], concept_word: str,
               hidden_state: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """P(c) and P(V*) at every drift level (fp32 encodings, as training logs them)."""
-    (token_id,) = add_new_tokens(tokenizer, ["<v>"])
-    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    (token_id,) = add_token_rows(tokenizer, encoder, ["<v>"])
     table = encoder.get_input_embeddings()
     concept = table.weight[single_token_id(tokenizer, concept_word)].detach().double()
 

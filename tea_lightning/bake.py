@@ -118,8 +118,7 @@ def bake(checkpoint: str | Path | Sequence[str | Path], out: str | Path, *, rho:
     """
     rho, alpha = check_factors("rho", [rho])[0], check_factors("alpha", [alpha])[0]
     out = Path(out).expanduser()
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file; pass the path of a folder to write the embeddings into.")
+    export.check_writable_folder(out, "out")
     if out.is_dir() and any(out.iterdir()) and not (out / BAKE_JSON).is_file():
         raise ValueError(f"out={str(out)!r} already holds files that are not a bake; choose a new or empty folder "
                          "(nothing is overwritten).")

@@ -27,7 +27,7 @@ from tea_lightning.adapters import cross_attentions, custom_diffusion_processor
 from tea_lightning.conditioning import ENCODER_NAMES, SUFFIXES
 from tea_lightning.data import TrainingConcept, as_training_concepts
 from tea_lightning.module import DiffusionModule
-from tea_lightning.tokens import LearnedTokens, add_new_tokens, single_token_id
+from tea_lightning.tokens import LearnedTokens, add_token_rows, single_token_id
 
 
 class CustomDiffusion(DiffusionModule):
@@ -63,8 +63,7 @@ class CustomDiffusion(DiffusionModule):
              for t in self.tokenizers]
         for suffix, tokenizer, encoder, ids, starts in zip(SUFFIXES, self.tokenizers, self.text_encoders,
                                                            concept_ids, start_ids, strict=False):
-            token_ids = add_new_tokens(tokenizer, self.modifier_tokens, what="model.modifier_token")
-            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            token_ids = add_token_rows(tokenizer, encoder, self.modifier_tokens, what="model.modifier_token")
             table = encoder.get_input_embeddings()
             concept_rows = table.weight[ids].detach().float().clone()  # [k, D]
             rows = table.weight[starts].detach().float().clone()  # [k, D] where each modifier token starts

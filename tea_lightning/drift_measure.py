@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from tea_lightning import drift
-from tea_lightning.conditioning import encoder_label
+from tea_lightning.conditioning import encoder_label, split
 from tea_lightning.prompt_sets import SLOT, available_concepts, resolve
 
 VECTOR_PREFIX = "drift/"  # EmbeddingDrift's TensorBoard keys: drift/norm, drift/norm_ratio, ...
@@ -137,6 +137,6 @@ def encode_set(encode: Callable[[list[str]], Tensor], prompts: list[str], input_
     for start in range(0, len(prompts), batch_size):
         hidden = encode(prompts[start:start + batch_size])  # [B, L, D]
         ids = input_ids[start:start + batch_size].to(hidden.device)
-        parts = hidden.split(encoder_widths, dim=-1) if encoder_widths else [hidden]
+        parts = split(hidden, encoder_widths) if encoder_widths else [hidden]
         pooled.append([drift.pool_hidden_states(p, ids, eos_token_id, hidden_state).float() for p in parts])
     return [torch.cat(column) for column in zip(*pooled, strict=True)]

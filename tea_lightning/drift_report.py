@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from tea_lightning import drift
 from tea_lightning.components import BUILT_IN_CODE, SDXL, load_pipeline, model_family, resolve_pretrained, text_parts
-from tea_lightning.conditioning import SUFFIXES, encode_ids, encoder_label, tokenize, widths
+from tea_lightning.conditioning import SUFFIXES, encode, encoder_label, tokenize, widths
 from tea_lightning.devices import resolve_device
 from tea_lightning.drift_measure import (
     SETS_PREFIX,
@@ -59,7 +59,7 @@ from tea_lightning.export import (
     write_json,
 )
 from tea_lightning.prompt_sets import fill
-from tea_lightning.tokens import add_new_tokens, placeholder_tokens, single_token_id
+from tea_lightning.tokens import add_token_rows, placeholder_tokens, single_token_id
 from tea_lightning.user_errors import run_command
 
 VECTOR_COLUMNS = ["norm", "concept_norm", "norm_ratio", "cosine_concept", "angle_concept_deg", "cosine_initial",
@@ -311,9 +311,8 @@ class _Measurer:
         tokens = meta.get("tokens") or [t for name, v in first.vectors[0].items()
                                         for t in placeholder_tokens(name, len(v.reshape(-1, v.shape[-1])))]
         self.names = list(first.vectors[0])
-        self.ids = [add_new_tokens(t, tokens, "tea.json tokens") for t in tokenizers]
-        for tokenizer, encoder in zip(tokenizers, self.encoders, strict=True):
-            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.ids = [add_token_rows(t, e, tokens, "tea.json tokens") for t, e in zip(tokenizers, self.encoders,
+                                                                                 strict=True)]
         self.initial = self._rows(first)
         for e, (initial, encoder) in enumerate(zip(self.initial, self.encoders, strict=True)):
             width = encoder.get_input_embeddings().weight.shape[1]
@@ -339,7 +338,7 @@ class _Measurer:
         prompts, ids = self.sets[name]
 
         def states(batch: list[str]) -> torch.Tensor:
-            return encode_ids(self.encoders, [tokenize(t, batch) for t in self.tokenizers]).states
+            return encode(self.tokenizers, self.encoders, batch).states
 
         return encode_set(states, prompts, ids, self.tokenizers[0].eos_token_id, self.hidden_state, self.batch_size,
                           widths(self.encoders))

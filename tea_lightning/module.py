@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from tea_lightning.components import DEFAULT_MODEL, SDXL, load_components
-from tea_lightning.conditioning import SUFFIXES, PromptEmbeds, encode_ids, stack, time_ids, tokenize
+from tea_lightning.conditioning import SUFFIXES, PromptEmbeds, encode, stack, time_ids, tokenize
 from tea_lightning.prompt_sets import SLOT, fill
 from tea_lightning.regularizers import Regularizer, check_regularizers
 from tea_lightning.seeding import sample_seed
@@ -190,7 +190,7 @@ class DiffusionModule(L.LightningModule):
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
         """The UNet's text conditioning: states `[B, 77, D]` (SDXL: both encoders' penultimate states, concatenated)
         and, for SDXL, the second encoder's pooled output `[B, P]`."""
-        return encode_ids(self.text_encoders, [tokenize(t, prompts) for t in self.tokenizers])
+        return encode(self.tokenizers, self.text_encoders, prompts)
 
     def batch_prompts(self, batch: dict[str, Any]) -> list[str]:
         """Each sample's prompt: its template filled with its concept's keyword; a class prompt (no `{}`) as is."""

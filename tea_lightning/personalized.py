@@ -113,15 +113,14 @@ def build(source: Source, concepts: Sequence[Concept], pretrained: str | None = 
             raise ValueError(f"The embedding's token {token!r} ({source.path}) is already a word of {base!r}, so "
                              "using it would change that word in every prompt. Rename it (AUTOMATIC1111 and kohya "
                              "files are named by their file name, e.g. '<my-concept>.safetensors').") from error
-    tables = [e.get_input_embeddings() for e in text_encoders]
-    if first_ids:
+    if first_ids:  # one resize for all tokens: each copies the whole table
         for encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        tables = [e.get_input_embeddings() for e in text_encoders]
-        with torch.no_grad():
-            for token, rows in source.embeddings.items():
-                for table, first_id, encoder_rows in zip(tables, first_ids[token], rows, strict=True):
-                    table.weight[first_id:first_id + len(encoder_rows)] = encoder_rows.to(table.weight.dtype)
+    tables = [e.get_input_embeddings() for e in text_encoders]
+    with torch.no_grad():
+        for token, rows in source.embeddings.items():
+            for table, first_id, encoder_rows in zip(tables, first_ids[token], rows, strict=True):
+                table.weight[first_id:first_id + len(encoder_rows)] = encoder_rows.to(table.weight.dtype)
     if source.lora is not None:
         install_lora(pipe, source.lora, base)
     if source.custom_diffusion is not None:

@@ -17,7 +17,7 @@ import torch
 from tea_lightning import export
 from tea_lightning.conditioning import ENCODER_NAMES, SUFFIXES
 from tea_lightning.module import DiffusionModule
-from tea_lightning.tokens import LearnedTokens, add_new_tokens, check_sphere_norm, placeholder_tokens, single_token_id
+from tea_lightning.tokens import LearnedTokens, add_token_rows, check_sphere_norm, placeholder_tokens, single_token_id
 
 PARAMETRIZATIONS = ("free", "spherical")
 
@@ -91,10 +91,9 @@ class TextualInversion(DiffusionModule):
         self.tokens = placeholder_tokens(placeholder, num_vectors)
         for suffix, tokenizer, encoder, concept_id in zip(SUFFIXES, self.tokenizers, self.text_encoders, concept_ids,
                                                           strict=False):
-            token_ids = add_new_tokens(tokenizer, self.tokens)
             # The new vocabulary rows only keep the matrix in step with the tokenizer (for pipelines and exports of
             # the text encoder); training reads `self.learned`, spliced in by the hook.
-            encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            token_ids = add_token_rows(tokenizer, encoder, self.tokens)
             table = encoder.get_input_embeddings()
             concept = table.weight[concept_id].detach().float().clone()
             with torch.no_grad():

@@ -42,6 +42,14 @@ def add_new_tokens(tokenizer, tokens: list[str], what: str = "model.placeholder"
     return tokenizer.convert_tokens_to_ids(tokens)
 
 
+def add_token_rows(tokenizer, encoder: nn.Module, tokens: list[str], what: str = "model.placeholder") -> list[int]:
+    """Add `tokens` to `tokenizer` (see `add_new_tokens`) and a row for each to `encoder`'s input embedding, keeping
+    the two in step; the new rows' values are the caller's to set. Returns the new ids."""
+    token_ids = add_new_tokens(tokenizer, tokens, what)
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return token_ids
+
+
 def concept_row(tokenizer, table: Tensor, word: str, concept_reduce: str = "error") -> Tensor:
     """The input-embedding row of `word` exactly as a prompt tokenizes it (`man` → `man</w>`, not the sub-word
     `man`), fp32 `[D]`. A word of several tokens is an error unless `concept_reduce="mean"` (mean of its rows)."""
