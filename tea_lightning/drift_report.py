@@ -73,7 +73,6 @@ def columns(count: int) -> list[str]:
             + [metric_key(SETS_PREFIX, c, e, count) for e in range(count) for c in SET_COLUMNS])
 
 
-COLUMNS = columns(1)  # SD 1.x/2.x
 CSV_NAME, SETTINGS_NAME = "drift.csv", "drift.json"
 
 

@@ -9,6 +9,8 @@ behind is removed by `remove_stale_temporaries` when the next run starts, while 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import pickle
@@ -134,6 +136,15 @@ def write_png(image: Any, path: Path) -> None:
 def write_bytes(data: bytes, path: Path) -> None:
     """Write `data` (an image, a CSV, a report, a plot) to `path` atomically."""
     _atomic(Path(path), lambda tmp: tmp.write_bytes(data))
+
+
+def write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    """Write `rows` as a CSV with the header `columns` (keys outside it are left out), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_bytes(buffer.getvalue().encode("utf-8"), path)
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

@@ -124,11 +124,6 @@ def load_square_images(folder: str | Path, resolution: int) -> SquareImages:
     return SquareImages(torch.stack(images), torch.tensor(sizes), torch.tensor(crops))
 
 
-def load_images(folder: str | Path, resolution: int) -> torch.Tensor:
-    """The pixels of `load_square_images`: uint8 `[N, 3, resolution, resolution]`."""
-    return load_square_images(folder, resolution).pixels
-
-
 def image_paths(folder: str | Path) -> list[Path]:
     """The images in `folder`, sorted by name (none when the folder does not exist)."""
     folder = Path(folder).expanduser()

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from tea_lightning import scoring
 from tea_lightning.drift_measure import SETS_PREFIX, VECTOR_PREFIX, metric_key
 from tea_lightning.evaluation import evaluate
-from tea_lightning.export import step_exports, write_bytes
+from tea_lightning.export import step_exports, write_bytes, write_csv
 from tea_lightning.summary import METRIC_NAMES, METRICS
 from tea_lightning.user_errors import run_command
 
@@ -85,12 +85,8 @@ def step_metrics(run: str, prompts: str | None = None, references: str | None = 
                            clip_model=clip_model, dino_model=dino_model, dino_pooling=dino_pooling, device=device,
                            steps=steps, guidance=guidance, resolution=resolution)
         rows += [{"step": step, **row} for row in _overall_rows(summary.parent / "summary.csv")]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes(buffer.getvalue().encode(), out_dir / CSV_NAME)
+    write_csv(out_dir / CSV_NAME, COLUMNS, rows)
     if plots:
         plot(out_dir / CSV_NAME, out_dir / PLOT_NAME, Path(run) / "drift" / "drift.csv")
     return out_dir / CSV_NAME

@@ -15,11 +15,10 @@ import io
 import math
 import os
 import statistics
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tea_lightning.export import write_bytes
+from tea_lightning.export import write_bytes, write_csv
 from tea_lightning.stats import Interval, paired_difference
 
 METRICS = ("clip_t_full", "clip_t_concept", "clip_t_context", "clip_i", "dino_i")
@@ -53,17 +52,9 @@ def read_scores(path: Path) -> list[dict[str, str]]:
         return list(reader)
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: list[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_bytes(buffer.getvalue().encode("utf-8"), path)
-
-
 def write_scores(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write the rows of a ``scores.csv`` (its columns in the order of `SCORE_COLUMNS`) atomically."""
-    _write_csv(path, SCORE_COLUMNS, rows)
+    write_csv(path, SCORE_COLUMNS, rows)
 
 
 def format_cell(value: Any) -> str:
@@ -327,7 +318,7 @@ def write_summary(scores_csv: str | os.PathLike[str], out: str | os.PathLike[str
         raise ValueError(f"{scores_csv}: no scored images to summarise")
     out = Path(out) if out is not None else Path(scores_csv).parent
     summary = summarize(rows)
-    _write_csv(out / "summary.csv", SUMMARY_COLUMNS, [{k: format_cell(v) for k, v in r.items()} for r in summary])
+    write_csv(out / "summary.csv", SUMMARY_COLUMNS, [{k: format_cell(v) for k, v in r.items()} for r in summary])
 
     concepts = list(dict.fromkeys(r["concept"] for r in rows))
     overall = [r for r in summary if r["level"] == "overall"]

@@ -8,13 +8,13 @@ from PIL import Image
 
 from helpers import STAR_IMAGES, star_data
 from tea_lightning.data import ConceptStream
-from tea_lightning.images import load_images
+from tea_lightning.images import load_square_images
 
 
 def test_images_are_rgb_center_cropped_to_the_resolution(tmp_path):
     Image.new("RGBA", (120, 60), (10, 20, 30, 255)).save(tmp_path / "wide.png")
     Image.new("L", (40, 90), 200).save(tmp_path / "tall.jpg")
-    images = load_images(tmp_path, 32)
+    images = load_square_images(tmp_path, 32).pixels
     assert images.shape == (2, 3, 32, 32) and images.dtype == torch.uint8
 
 
@@ -26,7 +26,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = image.getexif()
     exif[0x0112] = 6
     image.save(tmp_path / "rotated.jpg", exif=exif, quality=95)
-    pixels = load_images(tmp_path, 16)[0].int()  # [3, 16, 16]
+    pixels = load_square_images(tmp_path, 16).pixels[0].int()  # [3, 16, 16]
     left, right = pixels[:, 8, 2], pixels[:, 8, 13]
     assert left[2] > 200 and left[0] < 60, left.tolist()
     assert right[0] > 200 and right[2] < 60, right.tolist()

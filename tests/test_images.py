@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tea_lightning.images import load_images, read_image, to_rgb
+from tea_lightning.images import load_square_images, read_image, to_rgb
 
 WHITE, RED, BLUE = [255, 255, 255], [255, 0, 0], [0, 0, 255]
 
@@ -94,7 +94,7 @@ def test_photos_much_smaller_than_the_resolution_are_warned_about_by_name(tmp_pa
     Image.new("RGB", (64, 64), "red").save(tmp_path / "big.png")
     Image.new("RGB", (20, 24), "red").save(tmp_path / "tiny.png")
     with pytest.warns(UserWarning, match=r"1 of 2 images .* much smaller than data.resolution=64 .*tiny.png, is 20x24"):
-        load_images(tmp_path, 64)
+        load_square_images(tmp_path, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_images(tmp_path, 40)  # 20 px is half of 40: enlarged 2x, not warned
+        load_square_images(tmp_path, 40)  # 20 px is half of 40: enlarged 2x, not warned

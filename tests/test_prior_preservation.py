@@ -9,7 +9,7 @@ from PIL import Image
 
 from helpers import STAR_IMAGES, lora_module, make_trainer, star_data, ti_module
 from tea_lightning.class_images import ensure_class_images
-from tea_lightning.images import load_images
+from tea_lightning.images import load_square_images
 
 GENERATE = dict(pretrained="tiny", resolution=64, batch_size=2, steps=2)
 
@@ -63,7 +63,7 @@ def test_a_batch_is_an_instance_half_then_a_class_half_from_the_users_own_folder
     assert batch["pixel_values"].shape == (6, 3, 64, 64)
     assert all("{}" in t for t in batch["template"][:3])
     assert batch["template"][3:] == ["a photo of a star"] * 3
-    classes = load_images(class_dir, 64).float() / 127.5 - 1.0
+    classes = load_square_images(class_dir, 64).pixels.float() / 127.5 - 1.0
     for row, index in zip(batch["pixel_values"][3:], batch["image_index"][3:], strict=True):
         torch.testing.assert_close(row, classes[index], rtol=0, atol=0)
     assert sorted(p.name for p in class_dir.iterdir()) == before, "a user's class folder must be used as is"
