@@ -45,9 +45,9 @@ from tea_lightning.drift_report import drift_report
 from tea_lightning.export import step_exports, write_json, write_png
 from tea_lightning.grids import table
 from tea_lightning.mini.concept import KEYWORDS, METHODS, train
-from tea_lightning.mini.labelled import ATTRIBUTES, agreement, load_labels
+from tea_lightning.mini.labelled import ATTRIBUTES, agreement, requested
 from tea_lightning.mini.readout import load_readout, pil_batch, read
-from tea_lightning.mini.scenes import COLOUR_NAMES, CONCEPT, SHAPES
+from tea_lightning.mini.scenes import CONCEPT
 from tea_lightning.prompt_sets import PROMPTS_DIR, load_eval_csv
 from tea_lightning.stats import bootstrap_mean, paired_difference
 
@@ -108,18 +108,6 @@ SIZES = {
 
 
 # ------------------------------------------------------------------------------------------------ readout rules
-
-
-def requested(context: str) -> tuple[str | None, tuple[str | None, str] | None]:
-    """What a prompt's context asks for: (background colour, (colour, shape) of a second object), None if not."""
-    words = context.replace("{}", " ").split()
-    background = words[words.index("background") - 1] if "background" in words else None
-    other = None
-    for i, word in enumerate(words):
-        if word in SHAPES:
-            colour = words[i - 1] if i > 0 and words[i - 1] in COLOUR_NAMES else None
-            other = (colour, word)
-    return background, other
 
 
 def context_hit(reading, context: str) -> bool:
@@ -302,8 +290,7 @@ def write_report(out: Path, size: str, s: Size) -> dict:
     for name, rows in (("methods.csv", methods), ("curves.csv", curves), ("sweep.csv", sweep)):
         _write_csv(out / name, list(rows[0]), rows)
     per_prompt = prompt_table(scores) + prompt_table(other)
-    batches = sorted({label.batch for label in load_labels()})
-    labels = {"all": agreement()} | {f"batch {b}": agreement(batch=b) for b in batches}
+    labels = agreement()
     _plots(out, curves, sweep)
     _summary(out, size, s, load_forms(s.prompts), methods, other_methods, per_prompt, curves, sweep, labels, seconds)
     return {"methods": methods, "other_form": other_methods, "curves": curves, "sweep": sweep, "prompts": per_prompt,

@@ -56,8 +56,19 @@ class Label:
     @property
     def requested_background(self) -> str | None:
         """The background the prompt asks for, if it names one."""
-        words = self.prompt.split()
-        return words[words.index("background") - 1] if "background" in words else None
+        return requested(self.prompt)[0]
+
+
+def requested(context: str) -> tuple[str | None, tuple[str | None, str] | None]:
+    """What a prompt's context asks for: (background colour, (colour, shape) of a second object), None if not."""
+    words = context.replace("{}", " ").split()
+    background = words[words.index("background") - 1] if "background" in words else None
+    other = None
+    for i, word in enumerate(words):
+        if word in SHAPES:
+            colour = words[i - 1] if i > 0 and words[i - 1] in COLOUR_NAMES else None
+            other = (colour, word)
+    return background, other
 
 
 def _objects(text: str) -> tuple[tuple[str, str], ...]:
@@ -108,21 +119,23 @@ def compare(label: Label, reading: Reading) -> dict[str, bool]:
     return out
 
 
-def agreement(readout=None, path: Path = LABELS, batch: str | None = None) -> dict[str, tuple[int, int]]:
-    """{attribute: (images where the readout agrees with the person, images the person decided)}, over every
-    labelled image or those of one `batch`."""
+def agreement(readout=None, path: Path = LABELS) -> dict[str, dict[str, tuple[int, int]]]:
+    """{"all" or "batch B": {attribute: (images where the readout agrees with the person, images the person
+    decided)}}: over every labelled image, and over each batch's. The images are read once."""
     readout = readout or load_readout()
-    labels = [label for label in load_labels(path) if batch is None or label.batch == batch]
+    labels = load_labels(path)
     images = []
     for label in labels:
         with Image.open(Path(path).parent / label.file) as image:
             images.append(image.convert("RGB"))
-    counts = {name: [0, 0] for name in ATTRIBUTES}
+    groups = ["all"] + [f"batch {b}" for b in sorted({label.batch for label in labels})]
+    counts = {group: {name: [0, 0] for name in ATTRIBUTES} for group in groups}
     for label, reading in zip(labels, read(readout, pil_batch(images)), strict=True):
         for name, agrees in compare(label, reading).items():
-            counts[name][0] += agrees
-            counts[name][1] += 1
-    return {name: (a, n) for name, (a, n) in counts.items()}
+            for group in ("all", f"batch {label.batch}"):
+                counts[group][name][0] += agrees
+                counts[group][name][1] += 1
+    return {group: {name: (a, n) for name, (a, n) in per.items()} for group, per in counts.items()}
 
 
 # How the images were drawn: world samples of these prompts, and three Textual Inversion runs of the pink star
@@ -188,8 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     weights = getattr(args, "readout", None)
     readout = load_readout(weights) if weights else load_readout()
-    batches = sorted({label.batch for label in load_labels()})
-    results = {"all": agreement(readout)} | {f"batch {b}": agreement(readout, batch=b) for b in batches}
+    results = agreement(readout)
     print(f"{'attribute':<11} " + " ".join(f"{name:>16}" for name in results))
     for attribute in ATTRIBUTES:
         cells = [f"{a}/{n} {100 * a / max(n, 1):5.1f}%" for a, n in (r[attribute] for r in results.values())]
