@@ -121,8 +121,23 @@ def default_rho(source: Source) -> float:
     """The rotation factor the authors used for the method that wrote `source`: 0.1 for DreamBooth (a LoRA and no
     learned token row), 0.2 otherwise."""
     if source.module is not None:
-        return DREAMBOOTH_RHO if getattr(source.module, "method", None) == "dreambooth_lora" else DEFAULT_RHO
+        return _method_rho(source.module.method)
     return DREAMBOOTH_RHO if source.lora is not None and not source.embeddings else DEFAULT_RHO
+
+
+def default_rho_of(path: str | Path) -> float:
+    """`default_rho` of the checkpoint at `path`, read cheaply: an export folder's `tea.json` or a `.ckpt`'s recorded
+    class say the method, so no base model is loaded to decide."""
+    path = Path(path).expanduser()
+    if (path / TEA_JSON).is_file():
+        return _method_rho(read_tea_json(path).get("method"))
+    if path.suffix == ".ckpt" and path.is_file():
+        return _method_rho(_method_class(path, dict(load_pickle(path).get("hyper_parameters") or {})).method)
+    return default_rho(read(path))
+
+
+def _method_rho(method: str | None) -> float:
+    return DREAMBOOTH_RHO if method == "dreambooth_lora" else DEFAULT_RHO
 
 
 # ----------------------------------------------------------------------------------------------- reading files
@@ -305,6 +320,17 @@ def _rebuild_module(path: Path, hparams: dict[str, Any], state: dict[str, Tensor
     The class is imported by the name the checkpoint records, here and only here: generating from any other file
     imports no training code.
     """
+    cls = _method_class(path, hparams)
+    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    if base is not None:
+        kwargs["pretrained"] = base
+    module = cls(**kwargs)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def _method_class(path: Path, hparams: dict[str, Any]) -> type:
+    """The tea-lightning method class a Lightning checkpoint records (LightningCLI writes `_class_path`)."""
     from lightning import LightningModule
 
     class_path = hparams.get("_class_path", "")
@@ -316,12 +342,7 @@ def _rebuild_module(path: Path, hparams: dict[str, Any], state: dict[str, Tensor
     if not (isinstance(cls, type) and issubclass(cls, LightningModule) and isinstance(getattr(cls, "method", None), str)
             and callable(getattr(cls, "learned_vectors", None))):
         raise ValueError(f"checkpoint={str(path)!r} names {class_path!r}, which is not a tea-lightning method.")
-    kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    if base is not None:
-        kwargs["pretrained"] = base
-    module = cls(**kwargs)
-    module.load_state_dict(state)
-    return module.eval()
+    return cls
 
 
 def merge(sources: Sequence[Source]) -> Source:

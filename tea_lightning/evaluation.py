@@ -405,12 +405,8 @@ def _default_rhos(plans: list[_Plan]) -> list[float]:
 
     found: set[float] = set()
     for plan in plans:
-        folder = Path(plan.spec.checkpoint or "").expanduser()
-        if plan.spec.checkpoint is not None and (folder / "tea.json").is_file():  # an export says its method
-            dreambooth = read_tea_json(folder).get("method") == "dreambooth_lora"
-            found.add(checkpoints.DREAMBOOTH_RHO if dreambooth else checkpoints.DEFAULT_RHO)
-        elif plan.spec.checkpoint is not None:
-            found.add(checkpoints.default_rho(checkpoints.read(plan.spec.checkpoint)))
+        if plan.spec.checkpoint is not None:
+            found.add(checkpoints.default_rho_of(plan.spec.checkpoint))
         else:
             found.update(float(meta["rho"]) for _, tag, meta in read_image_folder(plan.images)
                          if tag != BASELINE and meta.get("rho") is not None)

@@ -244,6 +244,22 @@ def test_dreambooth_checkpoints_default_to_the_authors_rho_of_0_1_and_others_to_
     assert checkpoints.default_rho(lora) == 0.1
 
 
+@pytest.mark.parametrize(("class_path", "method", "rho"), [
+    ("tea_lightning.DreamBoothLoRA", "dreambooth_lora", 0.1),
+    ("tea_lightning.TextualInversion", "textual_inversion", 0.2),
+])
+def test_the_default_rho_of_a_saved_checkpoint_is_read_without_loading_its_base_model(tmp_path, class_path, method,
+                                                                                       rho):
+    # evaluate.py picks rho before generating: a base model that cannot even be found shows that none was loaded.
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"hyper_parameters": {"_class_path": class_path, "pretrained": "/no/such/model"},
+                "state_dict": {"x": torch.zeros(1)}}, ckpt)
+    assert checkpoints.default_rho_of(ckpt) == rho
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "tea.json").write_text(f'{{"format_version": 1, "method": "{method}"}}')
+    assert checkpoints.default_rho_of(tmp_path / "export") == rho
+
+
 def test_each_keyword_of_a_multi_concept_prompt_turns_towards_its_own_word(embeddings):
     source = checkpoints.merge([checkpoints.read(embeddings["man"]), checkpoints.read(embeddings["dog"])])
     concepts = checkpoints.resolve_concepts(source.concepts, concepts=["<m>=man", "<d>=dog"])
