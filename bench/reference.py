@@ -97,7 +97,7 @@ class ReferenceStep:
         parts = load_components(template.pretrained)
         self.sdxl, self.scheduler = parts.family == SDXL, parts.noise_scheduler
         self.tokenizers, self.text_encoders = parts.tokenizers, parts.text_encoders
-        self.tokenizer, self.text_encoder = parts.tokenizer, parts.text_encoder  # the first (SD's only) ones
+        self.text_encoder = parts.text_encoder  # the first (SD's only) one
         self.vae, self.unet = parts.vae, parts.unet
 
         # TI placeholder / CD modifier rows of each text encoder, trained via the whole matrix.
@@ -224,9 +224,9 @@ class ReferenceStep:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
-        for tokenizer, encoder, ids, original in zip(self.tokenizers, self.text_encoders, self.encoder_ids,
-                                                     self.orig_embeds_params if self.new_ids else [], strict=False):
-            if not custom:
+        if self.new_ids and not custom:
+            for tokenizer, encoder, ids, original in zip(self.tokenizers, self.text_encoders, self.encoder_ids,
+                                                         self.orig_embeds_params, strict=True):
                 # textual_inversion.py: put back every row but the placeholder's (weight decay moved them all).
                 index_no_updates = torch.ones((len(tokenizer),), dtype=torch.bool)
                 index_no_updates[min(ids): max(ids) + 1] = False
