@@ -16,7 +16,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from tea_lightning.callbacks.export import run_dir
+from tea_lightning.callbacks.export import check_every_n_steps, run_dir
 from tea_lightning.conditioning import encoder_label
 from tea_lightning.drift import cosine, norm_percentile
 from tea_lightning.drift_measure import vocabulary_norms
@@ -43,8 +43,7 @@ class CollapseAlarm(L.Callback):
 
     def __init__(self, every_n_steps: int = 50, max_norm_percentile: float = 99.0, min_cosine: float = 0.2,
                  action: Literal["warn", "stop"] = "warn") -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-            raise ValueError(f"CollapseAlarm(every_n_steps={every_n_steps!r}): use a whole number ≥ 1.")
+        check_every_n_steps(every_n_steps, "CollapseAlarm")
         if not _number_in(max_norm_percentile, 0, 100):
             raise ValueError(f"CollapseAlarm(max_norm_percentile={max_norm_percentile!r}): use a percentage from 0 "
                              "to 100, e.g. 99.")

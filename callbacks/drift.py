@@ -31,6 +31,7 @@ from typing_extensions import override
 
 from tea_lightning import drift
 from tea_lightning.adapters import adapters_disabled
+from tea_lightning.callbacks.export import check_every_n_steps
 from tea_lightning.conditioning import SUFFIXES, widths
 from tea_lightning.drift_measure import (
     BLUE,
@@ -49,13 +50,6 @@ from tea_lightning.drift_measure import (
 from tea_lightning.prompt_sets import fill
 
 # ------------------------------------------------------------------------------------------------- shared helpers
-
-
-def check_every_n_steps(every_n_steps: int, owner: str) -> int:
-    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
-        raise ValueError(f"{owner}(every_n_steps={every_n_steps!r}): use a whole number of steps, 1 or more "
-                         "(100 is a good default for Stable Diffusion runs)")
-    return every_n_steps
 
 
 @contextlib.contextmanager

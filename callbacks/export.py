@@ -24,6 +24,15 @@ def run_dir(trainer: L.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
+def check_every_n_steps(every_n_steps: int, owner: str, minimum: int = 1) -> int:
+    """A callback's `every_n_steps`, refused unless a whole number of at least `minimum` (0: only at the end)."""
+    if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < minimum:
+        zero = " (0: only at the end)" if minimum == 0 else ""
+        raise ValueError(f"{owner}(every_n_steps={every_n_steps!r}): use a whole number of steps, {minimum} or more"
+                         f"{zero}; 100 is a good default for Stable Diffusion runs.")
+    return every_n_steps
+
+
 class Export(L.Callback):
     """Write the module's diffusers-loadable files every `every_n_steps` (to `exports/step-NNNNNN/`) and at the end
     of training (to `exports/final/`). Rank 0 only; each folder appears whole or not at all.
@@ -34,10 +43,8 @@ class Export(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 100, dirname: str = "exports") -> None:
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(f"Export(every_n_steps={every_n_steps!r}) is not a step count; use 0 (final export only) "
-                             "or a whole number of steps, e.g. 100.")
-        self.every_n_steps, self.dirname = every_n_steps, dirname
+        self.every_n_steps = check_every_n_steps(every_n_steps, "Export", minimum=0)
+        self.dirname = dirname
         self._last_step = -1
 
     def folder(self, trainer: L.Trainer, name: str) -> Path:

@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from tea_lightning.callbacks.export import run_dir
+from tea_lightning.callbacks.export import check_every_n_steps, run_dir
 from tea_lightning.export import write_png
 from tea_lightning.prompt_sets import check_template
 
@@ -42,8 +42,7 @@ class SampleImages(L.Callback):
                  resolution: int | None = None, seed: int = 0, scheduler: str = "dpm") -> None:
         from tea_lightning.inference import SCHEDULERS, check_factors
 
-        if every_n_steps < 1:
-            raise ValueError(f"every_n_steps={every_n_steps}; use 1 or more.")
+        check_every_n_steps(every_n_steps, "SampleImages")
         if num_images < 1 or steps < 1:
             raise ValueError(f"num_images={num_images} and steps={steps} must both be 1 or more.")
         self.prompts = list(prompts or DEFAULT_PROMPTS)
