@@ -81,7 +81,7 @@ def bootstrap_mean(values: Sequence[float], groups: Sequence[Hashable] | None = 
     """
     x, clusters = _check(values, groups, confidence, resamples)
     means = np.array([x[c].mean() for c in clusters])
-    estimate = float(means.mean()) if groups is not None else float(x.mean())
+    estimate = float(means.mean())  # independent values: one cluster, whose mean is the mean
     rng = np.random.default_rng(seed)
     sizes = np.array([len(c) for c in clusters])
     padded = np.zeros((len(clusters), sizes.max()))
