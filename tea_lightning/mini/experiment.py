@@ -46,7 +46,7 @@ from tea_lightning.export import step_exports, write_json, write_png
 from tea_lightning.grids import table
 from tea_lightning.mini.concept import KEYWORDS, METHODS, train
 from tea_lightning.mini.labelled import ATTRIBUTES, agreement, requested
-from tea_lightning.mini.readout import load_readout, pil_batch, read
+from tea_lightning.mini.readout import load_readout, read_files
 from tea_lightning.mini.scenes import CONCEPT
 from tea_lightning.prompt_sets import PROMPTS_DIR, load_eval_csv
 from tea_lightning.stats import bootstrap_mean, paired_difference
@@ -158,12 +158,8 @@ def _generate(export: Path, prompts: Prompts, folder: Path, seed: int, size: Siz
 
 
 def _score_records(records, method: str, seed: int, step: int, prompts: Prompts, readout) -> list[dict]:
-    images = []
-    for record in records:
-        with Image.open(record.path) as image:
-            images.append(image.convert("RGB"))
     rows = []
-    for record, reading in zip(records, read(readout, pil_batch(images)), strict=True):
+    for record, reading in zip(records, read_files(readout, [r.path for r in records]), strict=True):
         rows.append({"method": method, "seed": seed, "step": step, "form": prompts.form, "setting": record.tag,
                      "rho": record.rho, "alpha": record.alpha, "prompt_index": record.prompt_index,
                      "prompt": record.template, "image_index": record.image_index,

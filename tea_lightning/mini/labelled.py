@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tea_lightning.mini.readout import Reading, load_readout, pil_batch, read
+from tea_lightning.mini.readout import Reading, load_readout, read_files
 from tea_lightning.mini.scenes import COLOUR_NAMES, CONCEPT, SHAPES
 
 FOLDER = Path(__file__).parent / "labelled"
@@ -124,13 +124,10 @@ def agreement(readout=None, path: Path = LABELS) -> dict[str, dict[str, tuple[in
     decided)}}: over every labelled image, and over each batch's. The images are read once."""
     readout = readout or load_readout()
     labels = load_labels(path)
-    images = []
-    for label in labels:
-        with Image.open(Path(path).parent / label.file) as image:
-            images.append(image.convert("RGB"))
     groups = ["all"] + [f"batch {b}" for b in sorted({label.batch for label in labels})]
     counts = {group: {name: [0, 0] for name in ATTRIBUTES} for group in groups}
-    for label, reading in zip(labels, read(readout, pil_batch(images)), strict=True):
+    readings = read_files(readout, [Path(path).parent / label.file for label in labels])
+    for label, reading in zip(labels, readings, strict=True):
         for name, agrees in compare(label, reading).items():
             for group in ("all", f"batch {label.batch}"):
                 counts[group][name][0] += agrees

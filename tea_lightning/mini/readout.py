@@ -114,6 +114,15 @@ def pil_batch(images) -> torch.Tensor:
     return torch.stack([to_tensor(image.convert("RGB")) for image in images])
 
 
+def read_files(model: Readout, paths) -> list[Reading]:
+    """Readings of the image files at `paths`, in one batch."""
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return read(model, pil_batch(images))
+
+
 # ------------------------------------------------------------------------------------------------ training images
 #
 # The world's model does not draw like the generator: its circles wobble, its squares have rounded, bumpy corners,
