@@ -143,9 +143,8 @@ class EmbeddingDrift(_EveryNSteps):
     def __init__(self, every_n_steps: int = 100, histogram: bool = True) -> None:
         super().__init__(every_n_steps)
         self.histogram = histogram
-        # V* at the start of training, per text encoder (`initial_2`: SDXL's second); kept in checkpoints.
-        self.initial: Tensor | None = None
-        self.initial_2: Tensor | None = None
+        # V* at the start of training, per text encoder (SDXL: two); kept in checkpoints.
+        self.initial: list[Tensor | None] = [None] * len(SUFFIXES)
         self._applies = True
         self._vocab_norms: list[Tensor] | None = None
 
@@ -160,10 +159,9 @@ class EmbeddingDrift(_EveryNSteps):
 
     def _initial(self, encoder: int, vectors: Tensor) -> Tensor:
         """V* of text encoder `encoder` at the start of training (`vectors` when not yet recorded)."""
-        name = f"initial{SUFFIXES[encoder]}"
-        if getattr(self, name) is None:
-            setattr(self, name, vectors.detach().float().cpu().clone())
-        return getattr(self, name)
+        if self.initial[encoder] is None:
+            self.initial[encoder] = vectors.detach().float().cpu().clone()
+        return self.initial[encoder]
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -218,11 +216,11 @@ class EmbeddingDrift(_EveryNSteps):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial, "initial_2": self.initial_2}
+        return {f"initial{suffix}": initial for suffix, initial in zip(SUFFIXES, self.initial, strict=True)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.initial, self.initial_2 = state_dict.get("initial"), state_dict.get("initial_2")
+        self.initial = [state_dict.get(f"initial{suffix}") for suffix in SUFFIXES]
 
 
 # ----------------------------------------------------------------------------------------------- prompt level

@@ -156,7 +156,7 @@ def test_multi_vector_exports_are_measured_as_the_callbacks_measure_the_live_mod
     rows = _rows(report.drift_report(str(tmp_path), plots=False))  # default prompt set: the shipped "toy"
 
     embedding, contextual = EmbeddingDrift(), ContextualDrift(prompt_set="toy")
-    embedding.initial = start
+    embedding.initial[0] = start
     assert module.keyword == "<v> <v>_1"
     expected = {**embedding.compute(module), **contextual.compute(module)}  # the module holds step 7's vectors
     assert rows[7] == pytest.approx({"step": 7, **expected}, rel=1e-4, abs=1e-6)
