@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from tea_lightning.components import SDXL
-from tea_lightning.images import image_paths, load_square_images
+from tea_lightning.images import SquareImages, image_paths, load_square_images
 from tea_lightning.prompt_sets import SLOT, check_template, fill
 from tea_lightning.seeding import sample_seed
 
@@ -101,11 +101,9 @@ def resize_augment(pixels: torch.Tensor, generator: torch.Generator) -> tuple[to
 class ClassPool:
     """The class images of one concept: rows `offset .. offset+len(images)-1` of all class images, and the prompt."""
 
-    images: torch.Tensor  # [N, 3, H, W] uint8
+    images: SquareImages
     prompt: str
     offset: int
-    original_sizes: torch.Tensor  # [N, 2], as `SquareImages`
-    crop_top_left: torch.Tensor  # [N, 2, 2], as `SquareImages`
 
 
 def collate(items: list) -> dict:
@@ -125,16 +123,10 @@ class ConceptStream(IterableDataset):
     sample gets Custom Diffusion's resize augmentation, and every sample a loss `mask`.
     """
 
-    def __init__(self, images: torch.Tensor, templates: tuple[str, ...], flip_p: float, seed: int,
+    def __init__(self, images: SquareImages, templates: tuple[str, ...], flip_p: float, seed: int,
                  samples_per_epoch: int, batch_size: int, concept_of: list[int] | None = None,
-                 class_pools: list[ClassPool] | None = None, augment: bool = False,
-                 original_sizes: torch.Tensor | None = None, crop_top_left: torch.Tensor | None = None) -> None:
+                 class_pools: list[ClassPool] | None = None, augment: bool = False) -> None:
         self.images, self.templates, self.flip_p, self.seed = images, templates, flip_p, seed
-        # The geometry of `SquareImages`; without it the images count as files of exactly this size (no crop).
-        size = torch.tensor(images.shape[-2:])
-        self.original_sizes = size.expand(len(images), 2) if original_sizes is None else original_sizes
-        no_crop = torch.zeros(len(images), 2, 2, dtype=torch.long)
-        self.crop_top_left = no_crop if crop_top_left is None else crop_top_left
         self.samples_per_epoch, self.batch_size = samples_per_epoch, batch_size
         self.concept_of = concept_of or [0] * len(images)
         self.class_pools, self.augment = class_pools, augment
@@ -144,10 +136,9 @@ class ConceptStream(IterableDataset):
         return self.samples_per_epoch
 
     @staticmethod
-    def _view(images: torch.Tensor | ClassPool, row: int, flipped: bool) -> dict:
-        """Image `row` of a stream or class pool, flipped or not, in [-1, 1], with its original size and the crop
-        it shows."""
-        pixels = images.images[row].flip(-1) if flipped else images.images[row]
+    def _view(images: SquareImages, row: int, flipped: bool) -> dict:
+        """Image `row`, flipped or not, in [-1, 1], with its original size and the crop it shows."""
+        pixels = images.pixels[row].flip(-1) if flipped else images.pixels[row]
         return {"pixel_values": pixels.float() / 127.5 - 1.0, "original_size": images.original_sizes[row],
                 "crop_top_left": images.crop_top_left[row, int(flipped)]}
 
@@ -160,7 +151,7 @@ class ConceptStream(IterableDataset):
         flipped = bool(torch.rand((), generator=generator) < self.flip_p)
         template = self.templates[int(torch.randint(len(self.templates), (), generator=generator))]
         concept = self.concept_of[image_index]
-        item = {**self._view(self, image_index, flipped), "image_index": image_index, "flipped": flipped,
+        item = {**self._view(self.images, image_index, flipped), "image_index": image_index, "flipped": flipped,
                 "template": template, "concept": concept}
         pixels = item["pixel_values"]
         if self.augment:
@@ -172,7 +163,7 @@ class ConceptStream(IterableDataset):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, index, 2))
         row = int(torch.randint(len(pool.images), (), generator=generator))
         class_flipped = bool(torch.rand((), generator=generator) < self.flip_p)
-        other = {**self._view(pool, row, class_flipped), "image_index": pool.offset + row,
+        other = {**self._view(pool.images, row, class_flipped), "image_index": pool.offset + row,
                  "flipped": class_flipped, "template": pool.prompt, "concept": concept, "is_class": True}
         if self.augment:
             other["mask"] = torch.ones(1, *pixels.shape[-2:])
@@ -317,10 +308,8 @@ class ConceptDataModule(L.LightningDataModule):
         self.hparams["concepts"] = None if concepts is None else [asdict(c) for c in self.concepts]
         # Decoded now: a bad file fails before any training. Rows of all concepts, in order.
         per_concept = [load_square_images(c.instance_dir, resolution) for c in self.concepts]
-        self.images = torch.cat([c.pixels for c in per_concept])  # [N, 3, S, S] uint8
-        self.original_sizes = torch.cat([c.original_sizes for c in per_concept])  # [N, 2]
-        self.crop_top_left = torch.cat([c.crop_top_left for c in per_concept])  # [N, 2, 2]
-        self.concept_of = [i for i, images in enumerate(per_concept) for _ in range(len(images.pixels))]
+        self.images = SquareImages.cat(per_concept)
+        self.concept_of = [i for i, images in enumerate(per_concept) for _ in range(len(images))]
         self.class_pools: list[ClassPool] | None = None
 
     @staticmethod
@@ -427,8 +416,8 @@ class ConceptDataModule(L.LightningDataModule):
                 raise ValueError(f"{self._where(i)}class_dir {str(folder)!r} holds {len(images.pixels)} images, fewer "
                                  f"than num_class_images={count}; they are generated in prepare_data (train through a "
                                  "Trainer) or lower num_class_images.")
-            pools.append(ClassPool(images.pixels, prompt, offset, images.original_sizes, images.crop_top_left))
-            offset += len(images.pixels)
+            pools.append(ClassPool(images, prompt, offset))
+            offset += len(images)
         self.class_pools = pools
         return pools
 
@@ -445,7 +434,7 @@ class ConceptDataModule(L.LightningDataModule):
             self.images, TEMPLATES.get(templates, (templates,)), self.hparams.flip_p, self.hparams.seed,
             samples_per_epoch=max(1, self.hparams.repeats * len(self.images) // world),
             batch_size=self.hparams.batch_size, concept_of=self.concept_of, class_pools=self.class_pools,
-            augment=self.hparams.augment, original_sizes=self.original_sizes, crop_top_left=self.crop_top_left,
+            augment=self.hparams.augment,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,19 @@ class SquareImages:
     pixels: torch.Tensor  # [N, 3, S, S] uint8
     original_sizes: torch.Tensor  # [N, 2] (height, width) as read, EXIF orientation applied, before the resize
     crop_top_left: torch.Tensor  # [N, 2, 2]: [i, 0] the crop's (top, left) in the resized image, [i, 1] in its mirror
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def __getitem__(self, rows: slice) -> SquareImages:
+        """The images `rows` (a slice), with their geometry."""
+        return SquareImages(self.pixels[rows], self.original_sizes[rows], self.crop_top_left[rows])
+
+    @staticmethod
+    def cat(parts: Sequence[SquareImages]) -> SquareImages:
+        """The images of `parts`, in order, as one set."""
+        return SquareImages(torch.cat([p.pixels for p in parts]), torch.cat([p.original_sizes for p in parts]),
+                            torch.cat([p.crop_top_left for p in parts]))
 
 
 def load_square_images(folder: str | Path, resolution: int) -> SquareImages:

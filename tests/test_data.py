@@ -87,7 +87,7 @@ def test_each_pass_shows_every_image_once():
 def test_flipped_samples_are_mirror_images():
     stream = _stream(star_data().images)
     flipped = next(s for s in map(stream.sample, range(50)) if s["flipped"])
-    original = stream.images[flipped["image_index"]].float() / 127.5 - 1.0
+    original = stream.images.pixels[flipped["image_index"]].float() / 127.5 - 1.0
     assert torch.equal(flipped["pixel_values"], original.flip(-1))
 
 
