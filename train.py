@@ -25,8 +25,6 @@ from tea_lightning.user_errors import run_command
 
 # The seed is recorded in the run's config.yaml; the console is kept for what a user must read.
 logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
-# Lightning advertises its cloud logger at every fit ("💡 Tip: ..."): not about this run.
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "💡" not in record.getMessage())
 
 
 class TeaCLI(LightningCLI):

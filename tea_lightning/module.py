@@ -12,6 +12,7 @@ image's size and crop (`time_ids`), read from the batch the data module made.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined.*")
 # Lightning 2.6's own batch flattening calls an API that newer torch deprecates; nothing a user can change.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated.*")
+# Lightning advertises its cloud logger at every fit ("💡 Tip: ..."): not about the run.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda record: "💡" not in record.getMessage())
 
 _HALF = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16, "bf16-true": torch.bfloat16}
 
